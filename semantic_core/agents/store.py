@@ -1,0 +1,425 @@
+"""The agent store: every agent's record, its KV cache when hot, its file when saved, and the prefix
+index over all of them.
+
+Tiers:
+- hot: the KV cache is in memory as MLX arrays (and counted by the block pool);
+- cold: only on disk; listed from the file header at start-up without reading tensors;
+- damaged: its file failed verification and was moved to the quarantine folder.
+
+There is no warm tier (cache in host memory but released from the pool). On this product's
+targets, CPU and Apple Silicon, MLX arrays already live in host memory: a warm tier would move the
+accounting, not a byte, and a budget that does not bound real memory is no budget. On CUDA it would
+pay (host RAM is not GPU memory); there it can be added beside `hot`.
+
+Threading: every method runs on the engine thread, which owns all MLX work. File writes run on one
+writer thread and reads on one reader thread, but those touch only numpy buffers and files, never
+MLX (MLX is not thread-safe, see mlx issue #2067). Saves are write-through: after each turn the
+engine hands the agent's tensors to the writer, so evicting an agent later costs nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from semantic_core.agents import disk
+from semantic_core.agents.prefix_index import PrefixIndex, PrefixMatch, common_prefix
+from semantic_core.agents.record import AgentRecord, Sampling, generate_agent_id, validate_agent_id
+from semantic_core.errors import (
+    AgentBusy,
+    AgentDamaged,
+    AgentExists,
+    AgentNotFound,
+    ModelMismatch,
+    StorageError,
+)
+from semantic_core.observability import (
+    DISK_BYTES,
+    LOAD_SECONDS,
+    LOADS,
+    QUARANTINED,
+    SAVE_SECONDS,
+    SAVES,
+    get_logger,
+)
+
+log = get_logger("semantic.agents")
+
+
+@dataclass
+class Agent:
+    record: AgentRecord
+    tokens: list[int] = field(default_factory=list)
+    cache: list[Any] | None = None  # per-layer mlx_lm KVCache when hot and idle
+    blocks: list[int] = field(default_factory=list)  # pool blocks (engine.memory manages them)
+    shared_blocks: int = 0  # leading blocks shared with the agent it was forked from
+    running: bool = False
+    version: int = 0  # bumped whenever tokens or record change
+    saved_version: int = -1  # version on disk (-1: never saved)
+    disk_bytes: int = 0
+    compatible: bool = True  # False: its file belongs to another model
+    damaged: str | None = None
+    pending_save: Future | None = None
+    save_error: str | None = None
+    last_access: float = field(default_factory=time.monotonic)
+    # Cache statistics for the gauges: tokens reused vs recomputed over this agent's life.
+    reused_tokens: int = 0
+    computed_tokens: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def hot(self) -> bool:
+        return self.cache is not None or self.running
+
+    @property
+    def tier(self) -> str:
+        if self.damaged:
+            return "damaged"
+        return "hot" if self.hot else "cold"
+
+    @property
+    def dirty(self) -> bool:
+        return self.saved_version != self.version
+
+    @property
+    def on_disk(self) -> bool:
+        return self.saved_version >= 0
+
+    def touch(self) -> None:
+        self.last_access = time.monotonic()
+        self.record.last_used = time.time()
+
+    def changed(self) -> None:
+        self.version += 1
+
+
+class AgentStore:
+    def __init__(
+        self,
+        agents_dir: Path,
+        quarantine_dir: Path,
+        *,
+        fingerprint: str,
+        model_id: str,
+        block_tokens: int,
+        new_cache: Callable[[], list[Any]],
+    ) -> None:
+        self.agents_dir = agents_dir
+        self._new_cache = new_cache
+        self.quarantine_dir = quarantine_dir
+        self.fingerprint = fingerprint
+        self.model_id = model_id
+        self.index = PrefixIndex(block_tokens)
+        self._agents: dict[str, Agent] = {}
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-writer")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-reader")
+        self.quarantined_total = 0
+        self.saves_total = 0
+        self.loads_total = 0
+        self.agents_dir.mkdir(parents=True, exist_ok=True)
+
+    # Start-up ------------------------------------------------------------------------------------
+
+    def scan(self) -> None:
+        """List every saved agent as cold from its header; quarantine what does not verify."""
+        for tmp in disk.stale_temp_files(self.agents_dir):
+            log.info("removing an unfinished save", file=tmp.name)
+            tmp.unlink(missing_ok=True)
+        for path in sorted(self.agents_dir.glob(f"*{disk.SUFFIX}")):
+            try:
+                header = disk.read_header(path)
+            except disk.CorruptAgentFile as exc:
+                self._quarantine(path, path.stem, str(exc))
+                continue
+            agent = Agent(record=header.record, tokens=header.tokens, disk_bytes=header.size_bytes)
+            agent.saved_version = agent.version
+            agent.compatible = header.fingerprint == self.fingerprint
+            self._agents[agent.id] = agent
+            if agent.compatible:
+                self.index.set(agent.id, agent.tokens)
+        self._update_disk_gauge()
+        log.info("agent store ready", agents=len(self._agents), folder=str(self.agents_dir))
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
+
+    # Lookup --------------------------------------------------------------------------------------
+
+    def __contains__(self, agent_id: str) -> bool:
+        return agent_id in self._agents
+
+    def __iter__(self) -> Iterator[Agent]:
+        return iter(list(self._agents.values()))
+
+    def __len__(self) -> int:
+        return len(self._agents)
+
+    def get(self, agent_id: str) -> Agent:
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            raise AgentNotFound(agent_id)
+        return agent
+
+    def hot_agents(self) -> list[Agent]:
+        return [a for a in self._agents.values() if a.hot]
+
+    def best_prefix(self, tokens: list[int], *, idle_only: bool = True) -> PrefixMatch | None:
+        """The usable agent whose cached tokens share the longest prefix with `tokens`."""
+        eligible = [
+            a.id for a in self._agents.values()
+            if a.compatible and not a.damaged and not (idle_only and a.running)
+        ]
+        depth, ids = self.index.candidates(tokens, eligible)
+        if not ids:
+            return None
+        best: PrefixMatch | None = None
+        for agent_id in ids:
+            agent = self._agents[agent_id]
+            n = common_prefix(agent.tokens, tokens)
+            better = best is None or n > best.length or (
+                n == best.length and agent.last_access > self._agents[best.agent_id].last_access
+            )
+            if n >= depth * self.index.block_tokens and better:
+                best = PrefixMatch(agent_id, n)
+        return best
+
+    # Records -------------------------------------------------------------------------------------
+
+    def create(
+        self,
+        agent_id: str | None = None,
+        *,
+        display_name: str | None = None,
+        system_prompt: str | None = None,
+        sampling: Sampling | None = None,
+        forked_from: str | None = None,
+    ) -> Agent:
+        if agent_id is None:
+            agent_id = generate_agent_id(set(self._agents))
+        validate_agent_id(agent_id)
+        if agent_id in self._agents:
+            raise AgentExists(agent_id)
+        record = AgentRecord(
+            id=agent_id, display_name=display_name, system_prompt=system_prompt,
+            sampling=sampling or Sampling(), forked_from=forked_from,
+        )
+        agent = Agent(record=record, cache=None)
+        self._agents[agent_id] = agent
+        return agent
+
+    def rename(self, agent_id: str, display_name: str | None) -> Agent:
+        agent = self.get(agent_id)
+        agent.record.display_name = display_name or None
+        agent.changed()
+        return agent
+
+    def set_pinned(self, agent_id: str, pinned: bool) -> Agent:
+        agent = self.get(agent_id)
+        agent.record.pinned = pinned
+        agent.changed()
+        return agent
+
+    def forget(self, agent: Agent) -> None:
+        """Remove an agent from memory and disk (the caller released its blocks)."""
+        if agent.running:
+            raise AgentBusy(agent.id, "delete")
+        self._wait_pending(agent)
+        self._agents.pop(agent.id, None)
+        self.index.remove(agent.id)
+        path = disk.agent_path(self.agents_dir, agent.id)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"could not delete {path.name}: {exc}") from exc
+        agent.cache = None
+        self._update_disk_gauge()
+
+    def set_tokens(self, agent: Agent, tokens: list[int], cache: list[Any] | None) -> None:
+        agent.tokens = tokens
+        agent.cache = cache
+        agent.changed()
+        if agent.compatible:
+            self.index.set(agent.id, tokens)
+
+    # Saving --------------------------------------------------------------------------------------
+
+    def save_async(self, agent: Agent) -> Future | None:
+        """Hand a snapshot of the agent to the writer thread. Engine thread only (touches MLX)."""
+        if agent.damaged or not agent.compatible:
+            return None
+        if not agent.dirty and agent.pending_save is None:
+            return None
+        if agent.running:
+            raise AgentBusy(agent.id, "save")
+        layers = self._snapshot(agent)
+        record = copy.deepcopy(agent.record)
+        tokens = list(agent.tokens)
+        version = agent.version
+        path = disk.agent_path(self.agents_dir, agent.id)
+        fingerprint, model_id = self.fingerprint, self.model_id
+
+        def write() -> tuple[int, int, float]:
+            start = time.perf_counter()
+            size = disk.write_agent_file(
+                path, record, tokens, layers, fingerprint=fingerprint, model_id=model_id
+            )
+            return version, size, time.perf_counter() - start
+
+        future = self._writer.submit(write)
+        agent.pending_save = future
+        return future
+
+    def save(self, agent: Agent) -> None:
+        """Save now and wait (eviction, shutdown, explicit saves). Raises StorageError."""
+        self.save_async(agent)
+        self._wait_pending(agent)
+        if agent.save_error:
+            raise StorageError(agent.save_error)
+
+    def poll_io(self) -> None:
+        """Apply finished saves (engine thread)."""
+        for agent in self._agents.values():
+            fut = agent.pending_save
+            if fut is not None and fut.done():
+                self._finish_save(agent, fut)
+
+    def _wait_pending(self, agent: Agent) -> None:
+        fut = agent.pending_save
+        if fut is not None:
+            try:
+                fut.result()
+            except Exception:
+                pass
+            self._finish_save(agent, fut)
+
+    def _finish_save(self, agent: Agent, fut: Future) -> None:
+        if agent.pending_save is fut:
+            agent.pending_save = None
+        try:
+            version, size, seconds = fut.result()
+        except Exception as exc:
+            agent.save_error = str(exc)
+            SAVES.labels("error").inc()
+            log.error("agent save failed; the previous file is intact", agent=agent.id, error=str(exc))
+            return
+        agent.save_error = None
+        agent.saved_version = max(agent.saved_version, version)
+        agent.disk_bytes = size
+        self.saves_total += 1
+        SAVES.labels("ok").inc()
+        SAVE_SECONDS.observe(seconds)
+        self._update_disk_gauge()
+
+    def _snapshot(self, agent: Agent) -> disk.LayerArrays:
+        """numpy views of the cache, sliced to the cached tokens. Zero-copy: the views keep the MLX
+        arrays alive, and idle caches are never written in place (a running agent's cache lives in
+        the batch, not here)."""
+        if agent.cache is None:
+            if agent.tokens:
+                raise StorageError(f"agent {agent.id!r} has tokens but no cache in memory to save")
+            return []
+        import mlx.core as mx
+
+        arrays = []
+        for layer in agent.cache:
+            n = layer.offset
+            k = mx.contiguous(layer.keys[..., :n, :])
+            v = mx.contiguous(layer.values[..., :n, :])
+            arrays.append((k, v))
+        mx.eval(arrays)
+        return [(np.asarray(k), np.asarray(v)) for k, v in arrays]
+
+    # Loading -------------------------------------------------------------------------------------
+
+    def read_async(self, agent: Agent) -> Future:
+        """Read and verify the agent's file on the reader thread (numpy only)."""
+        path = disk.agent_path(self.agents_dir, agent.id)
+        fingerprint = self.fingerprint
+
+        def read() -> tuple[disk.AgentHeader, disk.LayerArrays, float]:
+            start = time.perf_counter()
+            header, layers = disk.read_agent_file(path, fingerprint)
+            return header, layers, time.perf_counter() - start
+
+        return self._reader.submit(read)
+
+    def finish_load(self, agent: Agent, fut: Future) -> None:
+        """Turn a finished read into a hot cache (engine thread). Quarantines a failed file."""
+        try:
+            header, layers, seconds = fut.result()
+        except ModelMismatch:
+            agent.compatible = False
+            self.index.remove(agent.id)
+            LOADS.labels("mismatch").inc()
+            raise
+        except disk.CorruptAgentFile as exc:
+            path = disk.agent_path(self.agents_dir, agent.id)
+            self._quarantine(path, agent.id, str(exc))
+            raise AgentDamaged(f"agent {agent.id!r} failed verification and was quarantined: {exc}") from exc
+        except FileNotFoundError as exc:
+            LOADS.labels("error").inc()
+            raise StorageError(f"the file of agent {agent.id!r} is gone: {exc}") from exc
+        agent.cache = self.to_cache(layers) if layers else self._new_cache()
+        agent.tokens = header.tokens
+        self.loads_total += 1
+        LOADS.labels("ok").inc()
+        LOAD_SECONDS.observe(seconds)
+
+    def load(self, agent: Agent) -> None:
+        self.finish_load(agent, self.read_async(agent))
+
+    @staticmethod
+    def to_cache(layers: disk.LayerArrays) -> list[Any]:
+        import mlx.core as mx
+        from mlx_lm.models.cache import KVCache
+
+        caches = []
+        for k, v in layers:
+            c = KVCache()
+            c.keys, c.values = mx.array(k), mx.array(v)
+            c.offset = int(k.shape[2])
+            caches.append(c)
+        mx.eval([c.state for c in caches])
+        return caches
+
+    # Quarantine ----------------------------------------------------------------------------------
+
+    def _quarantine(self, path: Path, agent_id: str, reason: str) -> None:
+        target = None
+        if path.exists():
+            target = disk.quarantine(path, self.quarantine_dir, reason)
+        self.quarantined_total += 1
+        QUARANTINED.inc()
+        log.error("agent file failed verification and was quarantined", agent=agent_id, reason=reason,
+                  moved_to=str(target) if target else None)
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            try:
+                validate_agent_id(agent_id)
+            except Exception:
+                return
+            agent = Agent(record=AgentRecord(id=agent_id))
+            self._agents[agent_id] = agent
+        agent.damaged = reason
+        agent.cache = None
+        agent.tokens = []
+        agent.saved_version = -1
+        self.index.remove(agent_id)
+        self._update_disk_gauge()
+
+    def disk_bytes(self) -> int:
+        return sum(a.disk_bytes for a in self._agents.values() if a.on_disk)
+
+    def _update_disk_gauge(self) -> None:
+        DISK_BYTES.set(self.disk_bytes())

@@ -1,0 +1,199 @@
+"""Settings: the one place that reads configuration (environment variables and `.env`).
+
+Every variable is documented in the README. Invalid values fail at start-up with one line naming the
+variable (see `load_settings`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "PRODUCTION"]
+WeightsMode = Literal["auto", "dense", "quantized"]
+BlasChoice = Literal["auto", "openblas", "mkl", "reference"]
+BLAS_ENV = "SEMANTIC_MLX_BLAS"
+
+
+def cache_root() -> Path:
+    """The per-user cache folder, honouring XDG_CACHE_HOME."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "semantic"
+
+
+def early_blas_choice() -> str:
+    """The BLAS choice, read before MLX is imported (and so before Settings can be built).
+
+    Same variable and values as `Settings.mlx_blas`; an invalid value is reported by `load_settings`.
+    """
+    value = os.environ.get(BLAS_ENV, "auto").strip().lower()
+    return value if value in BlasChoice.__args__ else "auto"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Effective configuration. Field `server_port` is read from SEMANTIC_SERVER_PORT, and so on."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SEMANTIC_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # HTTP server
+    server_host: str = Field("127.0.0.1", description="Address to bind; local tool, so loopback by default.")
+    server_port: int = Field(8000, ge=0, le=65535, description="TCP port of the HTTP API (0 picks a free one).")
+    server_workers: int = Field(1, ge=1, description="Worker processes; only 1 is supported (one model).")
+    server_log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR, or PRODUCTION (JSON).")
+    server_cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated origins allowed by CORS."
+    )
+    server_rate_limit_per_agent: int = Field(60, ge=0, description="Requests per minute per agent (0 = off).")
+    server_rate_limit_global: int = Field(1000, ge=0, description="Requests per minute in all (0 = off).")
+    server_max_body_mb: float = Field(8.0, gt=0, description="Largest request body accepted, in MB.")
+    server_max_queue: int = Field(256, ge=1, description="Waiting requests beyond which the API answers 529.")
+    server_drain_seconds: float = Field(30.0, ge=0, description="Graceful shutdown: wait for in-flight requests.")
+
+    # Model and engine
+    mlx_model_id: str = Field(
+        DEFAULT_MODEL_ALIAS,
+        description="Model: the default alias, a local mlx-lm directory, a local .gguf file, or a HF repo id.",
+    )
+    mlx_cache_budget_mb: float = Field(2048, gt=0, description="KV cache budget of hot agents, in MB.")
+    mlx_max_batch_size: int = Field(8, ge=1, le=256, description="Sequences decoded together at most.")
+    mlx_prefill_step_size: int = Field(512, ge=16, description="Prompt tokens computed per prefill chunk.")
+    mlx_block_tokens: int = Field(64, ge=16, le=1024, description="Tokens per KV block of the block pool.")
+    mlx_default_max_tokens: int = Field(512, ge=1, description="max_tokens when a caller gives none.")
+    mlx_weights: WeightsMode = Field(
+        "auto", description="auto: dense float32 on CPU, quantized on GPU; or force dense / quantized."
+    )
+    mlx_blas: BlasChoice = Field(
+        "auto", description="CPU BLAS: auto (OpenBLAS, else MKL, else reference), openblas, mkl, reference."
+    )
+    model_dir: Path = Field(
+        default_factory=lambda: cache_root() / "models",
+        description="Where fetched and converted models are kept.",
+    )
+
+    # Agents
+    agent_cache_dir: Path = Field(
+        default_factory=lambda: cache_root(), description="Where agents and their KV caches are saved."
+    )
+    agent_max_agents_in_memory: int = Field(100, ge=1, description="Hot agents at most.")
+    agent_save_on_finish: bool = Field(
+        True, description="Write an agent to disk after every turn (crash-safe), not only on eviction."
+    )
+
+    # Auth
+    anthropic_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("ANTHROPIC_API_KEY", "SEMANTIC_ANTHROPIC_API_KEY"),
+        description="Comma-separated API keys; unset means no authentication.",
+    )
+
+    @field_validator("server_cors_origins", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("server_log_level", "mlx_weights", "mlx_blas", mode="before")
+    @classmethod
+    def _normalise_case(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            return value.upper() if value.upper() in LogLevel.__args__ else value.lower()
+        return value
+
+    @field_validator("server_workers")
+    @classmethod
+    def _one_worker(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError(
+                "only 1 worker is supported: each worker would load its own model and split the agents "
+                "(one process serves many agents through continuous batching)"
+            )
+        return value
+
+    @field_validator("model_dir", "agent_cache_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    # Derived values -------------------------------------------------------------------------------
+
+    @property
+    def api_keys(self) -> list[str]:
+        if self.anthropic_api_key is None:
+            return []
+        return [k.strip() for k in self.anthropic_api_key.get_secret_value().split(",") if k.strip()]
+
+    @property
+    def agents_dir(self) -> Path:
+        return self.agent_cache_dir / "agents"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.agent_cache_dir / "quarantine"
+
+    def public_dict(self) -> dict[str, Any]:
+        """Effective settings by environment variable name, secrets masked."""
+        out: dict[str, Any] = {}
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            env = env_name(name)
+            if isinstance(value, SecretStr):
+                keys = [k for k in value.get_secret_value().split(",") if k.strip()]
+                value = ", ".join(_mask(k.strip()) for k in keys)
+            elif isinstance(value, Path):
+                value = str(value)
+            out[env] = value
+            del field
+        return out
+
+
+def env_name(field_name: str) -> str:
+    field = Settings.model_fields[field_name]
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return f"SEMANTIC_{field_name.upper()}"
+
+
+def _mask(secret: str) -> str:
+    if len(secret) <= 8:
+        return "****"
+    return f"{secret[:3]}…{secret[-2:]} ({len(secret)} chars)"
+
+
+class ConfigError(Exception):
+    """A setting has an invalid value; the message is one line naming the variable."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings, turning validation errors into one clear line per bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = err.get("loc") or ("?",)
+            field = str(loc[0])
+            name = env_name(field) if field in Settings.model_fields else field
+            given = err.get("input")
+            shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+            msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+            lines.append(f"{name}: {msg}{shown}")
+        raise ConfigError("; ".join(lines)) from None

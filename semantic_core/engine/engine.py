@@ -1,0 +1,1311 @@
+"""The engine: one model, many agents, one generation thread.
+
+`Engine` owns the model, tokenizer, block pool and agent store. All MLX work (forward passes, cache
+surgery, loading and saving tensors) happens on its single generation thread; callers (asyncio
+handlers, the TUI, plain scripts) submit a `GenerationRequest` and read events from a handle, or run
+agent operations through `call`, which executes between two steps.
+
+Scheduling, per loop turn:
+1. take new requests, cancellations and calls from the inbox;
+2. admit waiting requests first come first served, while the batch has room: resolve the agent
+   (named, longest cached prefix, or new), make its cache hot (a cold agent is read from disk by
+   the reader thread meanwhile), trim a divergent history, reserve pool blocks for the prompt;
+3. one decode step for every running sequence (mlx-lm's `GenerationBatch`: batched forward pass,
+   per-sequence samplers, end-of-turn tokens);
+4. at most SEMANTIC_MLX_PREFILL_STEP_SIZE prompt tokens of prefill, shared among the prefilling
+   sequences by water-filling (the shortest finishes first, none gets less than an equal share),
+   each sequence in its own forward pass so a short prompt is never padded to a long one.
+   Sequences whose prompt is done join the decode batch.
+
+So a long prompt delays a running decode by at most one chunk, and a short request that arrives
+during a long prefill gets its first token after about one chunk.
+
+Two requests for the same agent at once: the second waits in the queue until the first finishes
+(clients that resend a conversation expect it to continue, not to fail); other agents' requests are
+admitted past it meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from semantic_core.agents.prefix_index import common_prefix
+from semantic_core.agents.record import Sampling
+from semantic_core.agents.store import Agent, AgentStore
+from semantic_core.config import Settings
+from semantic_core.engine.block_pool import BlockPool
+from semantic_core.engine.chat import RenderedPrompt, render_chat
+from semantic_core.engine.memory import MemoryManager
+from semantic_core.engine.text_stream import StopMatcher, make_detokenizer_factory
+from semantic_core.engine.types import (
+    Event,
+    Failed,
+    Finished,
+    GenerationRequest,
+    GenerationResult,
+    PrefillProgress,
+    Started,
+    StopReason,
+    TextDelta,
+    Usage,
+)
+from semantic_core.errors import (
+    AgentBusy,
+    AgentDamaged,
+    AgentNotFound,
+    EngineStopped,
+    InvalidRequest,
+    ModelMismatch,
+    PoolExhausted,
+    PromptTooLong,
+    QueueFull,
+    SemanticError,
+)
+from semantic_core.model.loader import LoadedModel, ModelInfo
+from semantic_core.observability import (
+    AGENTS,
+    AGENTS_ACTIVE,
+    BATCH_SIZE,
+    CACHE_HITS,
+    GENERATIONS,
+    POOL_BLOCKS,
+    POOL_UTILIZATION,
+    QUEUE_DEPTH,
+    READY,
+    TIME_TO_FIRST_TOKEN,
+    TOKENS,
+    TOKENS_PER_SECOND,
+    get_logger,
+)
+
+log = get_logger("semantic.engine")
+T = TypeVar("T")
+_DONE = object()
+
+
+# Handles -------------------------------------------------------------------------------------------
+
+
+class RequestHandle:
+    """The caller's side of one request: iterate events (sync or async), or cancel."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, engine: Engine, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None):
+        self.id = next(self._ids)
+        self.request = request
+        self._engine = engine
+        self._loop = loop
+        self._sync: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._async: asyncio.Queue[Any] | None = asyncio.Queue() if loop is not None else None
+        self.agent_id: str | None = request.agent_id
+        self.result: GenerationResult | None = None
+        self.error: Exception | None = None
+        self.done = threading.Event()
+
+    def _push(self, event: Event) -> None:
+        if isinstance(event, Started):
+            self.agent_id = event.agent_id
+        elif isinstance(event, Finished):
+            self.result = event.result
+        elif isinstance(event, Failed):
+            self.error = event.error
+        if self._async is not None and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
+                self._loop.call_soon_threadsafe(self._async.put_nowait, event)
+        else:
+            self._sync.put(event)
+        if isinstance(event, Finished | Failed):
+            self.done.set()
+
+    def cancel(self) -> None:
+        self._engine._post(("cancel", self))
+
+    def __iter__(self) -> Iterator[Event]:
+        if self._async is not None:
+            raise TypeError("this handle was made for asyncio: use `async for`")
+        while True:
+            event = self._sync.get()
+            yield event
+            if isinstance(event, Finished | Failed):
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        if self._async is None:
+            raise TypeError("this handle was made without an event loop: use `for`")
+        while True:
+            event = await self._async.get()
+            yield event
+            if isinstance(event, Finished | Failed):
+                return
+
+    def wait(self) -> GenerationResult:
+        """Consume every event (sync handles) and return the result, or raise the error."""
+        for _ in self:
+            pass
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+# Per-sequence state ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Seq:
+    handle: RequestHandle
+    request: GenerationRequest
+    submitted: float
+    uid: int = -1
+    agent: Agent | None = None
+    parent: Agent | None = None  # implicit requests: the agent whose cache this one reuses
+    created_agent: bool = False
+    phase: str = "waiting"  # waiting, loading, prefill, decode, done
+    load_future: Future | None = None
+    load_target: Agent | None = None
+    cached: int = 0  # prompt tokens reused from the cache
+    cursor: int = 0  # prompt tokens in the cache so far
+    kv: list[Any] | None = None  # the cache during prefill
+    cache_tokens: int = 0  # tokens in the cache while decoding
+    generated: list[int] = field(default_factory=list)
+    text_parts: list[str] = field(default_factory=list)
+    detok: Any = None
+    stops: StopMatcher | None = None
+    max_tokens: int = 0
+    sampler: Any = None
+    admitted: float | None = None
+    prefill_started: float | None = None
+    prefill_seconds: float = 0.0
+    first_token_at: float | None = None
+    started_event_sent: bool = False
+    preempted: bool = False
+    # As first admitted (a preempted sequence resumes with its generated tokens as prompt).
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.tokens
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """A read-only view of one agent for lists and gauges."""
+
+    id: str
+    name: str
+    tier: str
+    pinned: bool
+    running: bool
+    tokens: int
+    blocks: int
+    shared_blocks: int
+    kv_bytes: int
+    disk_bytes: int
+    on_disk: bool
+    dirty: bool
+    compatible: bool
+    damaged: str | None
+    created_at: float
+    last_used: float
+    messages: int
+    system_prompt: str | None
+    forked_from: str | None
+    reused_tokens: int
+    computed_tokens: int
+    save_error: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """Everything the gauges show, published by the engine thread a few times per second."""
+
+    taken_at: float
+    agents: tuple[AgentInfo, ...]
+    pool_capacity: int
+    pool_used: int
+    pool_shared: int
+    block_tokens: int
+    bytes_per_block: int
+    hot_agents: int
+    max_hot: int
+    running: int
+    prefilling: int
+    waiting: int
+    tokens_reused: int
+    tokens_computed: int
+    prefill_tps: float
+    decode_tps: float
+    evictions: int
+    saves: int
+    loads: int
+    quarantined: int
+    disk_bytes: int
+    requests_total: int
+    block_map: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def utilization(self) -> float:
+        return self.pool_used / self.pool_capacity if self.pool_capacity else 0.0
+
+    @property
+    def cache_hit_ratio(self) -> float:
+        total = self.tokens_reused + self.tokens_computed
+        return self.tokens_reused / total if total else 0.0
+
+
+class _Rate:
+    """Tokens per second over a sliding window."""
+
+    def __init__(self, window: float = 5.0) -> None:
+        self.window = window
+        self.events: deque[tuple[float, int, float]] = deque()
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.events.append((time.monotonic(), tokens, seconds))
+
+    def value(self) -> float:
+        now = time.monotonic()
+        while self.events and now - self.events[0][0] > self.window:
+            self.events.popleft()
+        tokens = sum(e[1] for e in self.events)
+        seconds = sum(e[2] for e in self.events)
+        return tokens / seconds if seconds > 0 else 0.0
+
+
+# The engine ----------------------------------------------------------------------------------------
+
+
+class Engine:
+    def __init__(self, settings: Settings, loaded: LoadedModel | None = None) -> None:
+        self.settings = settings
+        self._loaded = loaded
+        self._inbox: deque[Any] = deque()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._stopping = False
+        self._stopped = threading.Event()
+        self._waiting: deque[_Seq] = deque()
+        self._prefilling: list[_Seq] = []
+        self._decoding: dict[int, _Seq] = {}
+        self._active_agents: dict[str, _Seq] = {}
+        self._gen: Any = None  # mlx_lm GenerationBatch
+        self._uids = itertools.count()
+        self._samplers: dict[tuple[float, float, int], Any] = {}
+        self._prefill_rate = _Rate()
+        self._decode_rate = _Rate()
+        self.tokens_reused = 0
+        self.tokens_computed = 0
+        self.requests_total = 0
+        self._snapshot: EngineSnapshot | None = None
+        self._snapshot_at = 0.0
+        self._snapshot_dirty = True
+        self._listeners: list[Callable[[EngineSnapshot], None]] = []
+        # Set at start():
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.info: ModelInfo | None = None
+        self.pool: BlockPool | None = None
+        self.store: AgentStore | None = None
+        self.memory: MemoryManager | None = None
+        self._detok_factory: Any = None
+        self._eos_stops: Any = None
+
+    # Life cycle ----------------------------------------------------------------------------------
+
+    def start(self, timeout: float | None = None) -> Engine:
+        """Load the model (on the generation thread) and start serving. Raises what loading raised."""
+        if self._thread is not None:
+            return self
+        self._thread = threading.Thread(target=_thread_main, args=([self],), name="semantic-engine", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise TimeoutError("the engine did not start in time")
+        if self._start_error is not None:
+            raise self._start_error
+        return self
+
+    @property
+    def ready(self) -> bool:
+        return self._started.is_set() and self._start_error is None and not self._stopping
+
+    @property
+    def started(self) -> bool:
+        return self._started.is_set()
+
+    def stop(self, save: bool = True, timeout: float = 60.0) -> None:
+        """Cancel what is queued, finish nothing new, save hot agents (if `save`), stop the thread."""
+        if self._thread is None or self._stopped.is_set():
+            return
+        self._post(("stop", save))
+        self._stopped.wait(timeout)
+        READY.set(0)
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # Submitting ----------------------------------------------------------------------------------
+
+    def render(self, messages: list[dict[str, str]], system: str | None = None) -> RenderedPrompt:
+        """Chat template -> tokens (any thread: the tokenizer is not MLX)."""
+        return render_chat(self.tokenizer, messages, system)
+
+    def submit(self, request: GenerationRequest, *, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue a request. Pass `loop` (or use `submit_async`) to consume events with `async for`."""
+        self._check_accepting()
+        self._validate(request)
+        handle = RequestHandle(self, request, loop)
+        self._post(("request", handle))
+        return handle
+
+    def submit_async(self, request: GenerationRequest) -> RequestHandle:
+        return self.submit(request, loop=asyncio.get_running_loop())
+
+    def generate(self, request: GenerationRequest) -> Iterator[Event]:
+        """Sync convenience for scripts: iterate the events of one request."""
+        return iter(self.submit(request))
+
+    def complete(self, request: GenerationRequest) -> GenerationResult:
+        return self.submit(request).wait()
+
+    def queue_depth(self) -> int:
+        return len(self._waiting) + sum(1 for item in self._inbox if item[0] == "request")
+
+    def _check_accepting(self) -> None:
+        if self._stopping or self._stopped.is_set():
+            raise EngineStopped()
+        if not self._started.is_set() or self._start_error is not None:
+            raise EngineStopped("the engine is not running")
+
+    def _validate(self, req: GenerationRequest) -> None:
+        assert self.info is not None
+        if not req.tokens:
+            raise InvalidRequest("the prompt is empty")
+        limit = self.info.context_length
+        if len(req.tokens) >= limit:
+            raise PromptTooLong(len(req.tokens), limit)
+        if req.max_tokens < 1:
+            raise InvalidRequest("max_tokens: must be at least 1")
+        if req.temperature < 0:
+            raise InvalidRequest("temperature: must be >= 0")
+        if not 0 < req.top_p <= 1:
+            raise InvalidRequest("top_p: must be in (0, 1]")
+        if req.top_k < 0:
+            raise InvalidRequest("top_k: must be >= 0")
+        if self.queue_depth() >= self.settings.server_max_queue:
+            raise QueueFull(f"{self.queue_depth()} requests are waiting; retry shortly")
+        if req.agent_id is not None:
+            from semantic_core.agents.record import validate_agent_id
+
+            validate_agent_id(req.agent_id)
+
+    # Calls onto the engine thread -------------------------------------------------------------------
+
+    def call(self, fn: Callable[[], T], timeout: float | None = 120.0) -> T:
+        """Run `fn` on the engine thread between two steps and return its result (or raise)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        if self._stopped.is_set():
+            raise EngineStopped()
+        fut: Future[T] = Future()
+        self._post(("call", fn, fut))
+        return fut.result(timeout)
+
+    async def acall(self, fn: Callable[[], T]) -> T:
+        if self._stopped.is_set():
+            raise EngineStopped()
+        fut: Future[T] = Future()
+        self._post(("call", fn, fut))
+        return await asyncio.wrap_future(fut)
+
+    def _post(self, item: Any) -> None:
+        self._inbox.append(item)
+        self._wake.set()
+
+    # Snapshots for readers on other threads ----------------------------------------------------------
+
+    def snapshot(self) -> EngineSnapshot:
+        snap = self._snapshot
+        if snap is None:
+            raise EngineStopped("the engine has not started")
+        return snap
+
+    def add_listener(self, fn: Callable[[EngineSnapshot], None]) -> None:
+        """`fn(snapshot)` runs on the engine thread after each new snapshot: keep it cheap."""
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[EngineSnapshot], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(fn)
+
+    # The generation thread -----------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._boot()
+        except BaseException as exc:
+            self._start_error = exc
+            self._started.set()
+            self._stopped.set()
+            return
+        self._started.set()
+        READY.set(1)
+        try:
+            self._loop()
+        except BaseException as exc:  # pragma: no cover - a bug; fail every waiter loudly
+            log.exception("engine loop crashed")
+            self._fail_everything(exc)
+        finally:
+            self._gen = None
+            # Work queued with async_eval must finish before this thread ends, or MLX's stream
+            # threads are torn down at exit with work in flight (a C++ terminate).
+            import mlx.core as mx
+
+            mx.synchronize()
+            self._stopped.set()
+
+    def _boot(self) -> None:
+        from mlx_lm.generate import StopSequences
+
+        from semantic_core.model import loader
+
+        if self._loaded is None:
+            self._loaded = loader.load(self.settings)
+        self.model = self._loaded.model
+        self.tokenizer = self._loaded.tokenizer
+        self.info = self._loaded.info
+        s = self.settings
+        self.pool = BlockPool.from_budget(s.mlx_cache_budget_mb, s.mlx_block_tokens, self.info.bytes_per_token)
+        self.store = AgentStore(
+            s.agents_dir, s.quarantine_dir, fingerprint=self.info.fingerprint,
+            model_id=self.info.model_id, block_tokens=s.mlx_block_tokens, new_cache=self._new_cache,
+        )
+        self.store.scan()
+        self.memory = MemoryManager(self.pool, self.store, s.agent_max_agents_in_memory)
+        self._detok_factory = make_detokenizer_factory(self.tokenizer)
+        self._eos_stops = StopSequences([(t,) for t in sorted(self.tokenizer.eos_token_ids)])
+        log.info(
+            "engine ready", model=self.info.model_id, device=self.info.device, weights=self.info.weights,
+            blas=self.info.blas, pool_blocks=self.pool.capacity, block_tokens=self.pool.block_tokens,
+            kv_bytes_per_token=self.info.bytes_per_token, agents=len(self.store),
+        )
+        self._publish(force=True)
+
+    def _loop(self) -> None:
+        while True:
+            self._drain_inbox()
+            if self._stopping:
+                return
+            assert self.store is not None
+            self.store.poll_io()
+            self._poll_loads()
+            self._admit()
+            worked = False
+            if self._gen is not None and self._decoding:
+                self._decode_step()
+                worked = True
+            if self._prefilling:
+                self._prefill_step()
+                worked = True
+            self._publish()
+            if not worked:
+                self._wake.wait(0.05 if (self._waiting or self._has_pending_io()) else 0.5)
+                self._wake.clear()
+
+    def _has_pending_io(self) -> bool:
+        return any(s.load_future is not None for s in self._waiting) or any(
+            a.pending_save is not None for a in self.store  # type: ignore[union-attr]
+        )
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            item = self._inbox.popleft()
+            kind = item[0]
+            if kind == "request":
+                handle: RequestHandle = item[1]
+                self._waiting.append(_Seq(handle=handle, request=handle.request, submitted=time.monotonic()))
+                self.requests_total += 1
+            elif kind == "cancel":
+                self._cancel(item[1])
+            elif kind == "call":
+                _, fn, fut = item
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as exc:
+                        fut.set_exception(exc)
+                self._snapshot_dirty = True
+            elif kind == "stop":
+                self._shutdown(save=item[1])
+                return
+
+    # Admission -------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        max_batch = self.settings.mlx_max_batch_size
+        for seq in list(self._waiting):
+            if len(self._decoding) + len(self._prefilling) >= max_batch:
+                break
+            try:
+                status = self._prepare(seq)
+            except SemanticError as exc:
+                self._waiting.remove(seq)
+                self._fail(seq, exc)
+                continue
+            if status == "ready":
+                self._waiting.remove(seq)
+                self._start_prefill(seq)
+            elif status == "blocked":
+                break  # first come first served: later requests do not overtake for memory
+
+    def _prepare(self, seq: _Seq) -> str:
+        """Resolve the agent and make room. Returns "ready", "loading", "busy" or "blocked"."""
+        assert self.store is not None and self.memory is not None and self.pool is not None
+        req = seq.request
+        if seq.load_future is not None:
+            return "loading"
+        if seq.agent is None:
+            status = self._resolve_agent(seq)
+            if status != "ready":
+                return status
+        agent = seq.agent
+        assert agent is not None
+        if not agent.hot:
+            if agent.on_disk and agent.tokens:
+                return self._start_load(seq, agent)
+            agent.tokens = []
+            agent.cache = self._new_cache()
+            agent.changed()
+        # Reuse what the cache holds of this prompt; keep at least one token to compute.
+        reuse = len(agent.tokens) if seq.preempted else common_prefix(agent.tokens, req.tokens)
+        reuse = min(reuse, len(req.tokens) - 1)
+        need_tokens = len(req.tokens) + 1
+        if not self.memory.fits_ever(need_tokens):
+            raise PoolExhausted(
+                f"the prompt needs {need_tokens} tokens of KV cache and the whole pool holds "
+                f"{self.memory.capacity_tokens()} (SEMANTIC_MLX_CACHE_BUDGET_MB="
+                f"{self.settings.mlx_cache_budget_mb:g}); shorten the prompt or raise the budget",
+                never_fits=True,
+            )
+        protect = {a for a in self._active_agents if a != agent.id} | ({seq.parent.id} if seq.parent else set())
+        try:
+            if reuse < len(agent.tokens):
+                self._trim(agent, reuse)
+            self.memory.ensure(agent, need_tokens, protect=protect)
+            self.memory.unshare(agent, protect=protect)
+        except PoolExhausted:
+            if not self._decoding and not self._prefilling and not self.memory.evictable(protect):
+                raise
+            return "blocked"
+        seq.cached = reuse
+        return "ready"
+
+    def _resolve_agent(self, seq: _Seq) -> str:
+        assert self.store is not None and self.memory is not None
+        req = seq.request
+        if req.agent_id is not None:
+            if req.agent_id in self._active_agents:
+                return "busy"
+            if req.agent_id in self.store:
+                agent = self.store.get(req.agent_id)
+                if agent.damaged:
+                    raise AgentDamaged(f"agent {agent.id!r} is damaged: {agent.damaged}")
+                if not agent.compatible:
+                    raise ModelMismatch(
+                        f"agent {agent.id!r} was saved with another model; load that model or delete the agent"
+                    )
+            elif req.create_agent:
+                self.memory.make_hot_slot(self._active_agents)
+                agent = self.store.create(req.agent_id, system_prompt=req.system_prompt)
+                seq.created_agent = True
+            else:
+                raise AgentNotFound(req.agent_id)
+            self._claim(seq, agent)
+            return "ready"
+
+        # No agent named: the longest cached prefix among idle agents, else a new agent.
+        match = self.store.best_prefix(req.tokens)
+        if match is not None and match.length >= self.store.index.block_tokens:
+            cand = self.store.get(match.agent_id)
+            if not cand.hot:
+                seq.parent = cand
+                return self._start_load(seq, cand)
+            if match.length >= len(cand.tokens):
+                self._claim(seq, cand)  # the same conversation, resent with a new turn
+                return "ready"
+            self.memory.make_hot_slot({*self._active_agents, cand.id})
+            child = self.store.create(None, system_prompt=req.system_prompt, forked_from=cand.id)
+            self._fork_into(cand, child, match.length)
+            seq.parent = cand
+            seq.created_agent = True
+            self._claim(seq, child)
+            return "ready"
+        self.memory.make_hot_slot(self._active_agents)
+        agent = self.store.create(None, system_prompt=req.system_prompt)
+        seq.created_agent = True
+        self._claim(seq, agent)
+        return "ready"
+
+    def _claim(self, seq: _Seq, agent: Agent) -> None:
+        seq.agent = agent
+        self._active_agents[agent.id] = seq
+        agent.touch()
+
+    def _start_load(self, seq: _Seq, agent: Agent) -> str:
+        assert self.store is not None
+        seq.load_future = self.store.read_async(agent)
+        seq.load_target = agent
+        seq.phase = "loading"
+        return "loading"
+
+    def _poll_loads(self) -> None:
+        assert self.store is not None and self.memory is not None
+        for seq in list(self._waiting):
+            fut = seq.load_future
+            if fut is None or not fut.done():
+                continue
+            target = seq.load_target
+            assert target is not None
+            if target.hot:  # someone else loaded it meanwhile
+                seq.load_future = seq.load_target = None
+                continue
+            try:
+                exc = fut.exception()
+                if exc is None:
+                    tokens = len(fut.result()[0].tokens)
+                    protect = set(self._active_agents)
+                    self.memory.make_hot_slot(protect)
+                    self.memory.ensure(target, tokens, protect=protect)
+                self.store.finish_load(target, fut)
+                target.touch()
+            except PoolExhausted:
+                self.memory.release(target)
+                if not self._decoding and not self._prefilling:
+                    self._waiting.remove(seq)
+                    self._fail(seq, PoolExhausted(
+                        f"agent {target.id!r} needs {len(target.tokens)} tokens of KV cache, more than "
+                        "the pool can free; raise SEMANTIC_MLX_CACHE_BUDGET_MB", never_fits=True))
+                continue  # retried once memory frees up
+            except SemanticError as exc:
+                self.memory.release(target)
+                seq.load_future = seq.load_target = None
+                if seq.agent is target:
+                    self._waiting.remove(seq)
+                    self._fail(seq, exc)
+                else:
+                    seq.parent = None  # the candidate is unusable: resolve again without it
+                continue
+            seq.load_future = seq.load_target = None
+            seq.phase = "waiting"
+
+    def _fork_into(self, parent: Agent, child: Agent, length: int) -> None:
+        """Child shares the parent's first `length` tokens (views of its arrays; copy on write)."""
+        assert self.memory is not None and self.store is not None
+        from mlx_lm.models.cache import KVCache
+
+        assert parent.cache is not None
+        if length == 0:
+            self.store.set_tokens(child, [], self._new_cache())
+            return
+        caches = []
+        for layer in parent.cache:
+            c = KVCache()
+            c.keys = layer.keys[..., :length, :]
+            c.values = layer.values[..., :length, :]
+            c.offset = length
+            caches.append(c)
+        self.memory.fork_blocks(parent, child, length)
+        self.store.set_tokens(child, list(parent.tokens[:length]), caches)
+        child.record.messages = []
+
+    def _new_cache(self) -> list[Any]:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
+
+    def _trim(self, agent: Agent, length: int) -> None:
+        """Forget cached tokens after `length` (an edited earlier turn, or a retried request)."""
+        assert self.memory is not None and self.store is not None and agent.cache is not None
+        for layer in agent.cache:
+            layer.trim(layer.offset - length)
+        self.store.set_tokens(agent, agent.tokens[:length], agent.cache)
+        self.memory.shrink(agent, length)
+
+    # Prefill ---------------------------------------------------------------------------------------
+
+    def _start_prefill(self, seq: _Seq) -> None:
+        agent = seq.agent
+        assert agent is not None and agent.cache is not None
+        req = seq.request
+        now = time.monotonic()
+        seq.admitted = now
+        seq.phase = "prefill"
+        seq.kv = agent.cache
+        agent.cache = None
+        agent.running = True
+        seq.cursor = seq.cached
+        if not seq.preempted:
+            seq.detok = self._detok_factory()
+            seq.stops = StopMatcher(req.stop_sequences)
+            seq.max_tokens = min(req.max_tokens, self.info.context_length - len(req.tokens))  # type: ignore[union-attr]
+            seq.sampler = self._sampler(req.temperature, req.top_p, req.top_k)
+            reused = seq.cached
+            computed = len(req.tokens) - reused
+            seq.prompt_tokens, seq.reused_tokens = len(req.tokens), reused
+            self.tokens_reused += reused
+            self.tokens_computed += computed
+            agent.reused_tokens += reused
+            agent.computed_tokens += computed
+            TOKENS.labels("reused").inc(reused)
+            CACHE_HITS.labels("hit" if reused > 0 else "miss").inc()
+            if not seq.started_event_sent:
+                seq.started_event_sent = True
+                seq.handle._push(Started(agent.id, len(req.tokens), reused, seq.created_agent))
+        seq.prefill_started = now
+        if seq.cursor >= len(req.tokens) - 1:
+            self._join_decode([seq])
+        else:
+            self._prefilling.append(seq)
+
+    def _prefill_step(self) -> None:
+        import mlx.core as mx
+
+        budget = self.settings.mlx_prefill_step_size
+        order = sorted(self._prefilling, key=lambda s: len(s.prompt) - 1 - s.cursor)
+        ready: list[_Seq] = []
+        for i, seq in enumerate(order):
+            remaining = len(seq.prompt) - 1 - seq.cursor
+            share = max(budget // (len(order) - i), 1)
+            n = min(remaining, share)
+            if n <= 0:
+                ready.append(seq)
+                continue
+            t0 = time.perf_counter()
+            chunk = mx.array([seq.prompt[seq.cursor : seq.cursor + n]])
+            self.model(chunk, cache=seq.kv)
+            mx.eval([c.state for c in seq.kv])
+            dt = time.perf_counter() - t0
+            seq.prefill_seconds += dt
+            self._prefill_rate.add(n, dt)
+            TOKENS.labels("prefill").inc(n)
+            seq.cursor += n
+            budget -= n
+            seq.handle._push(PrefillProgress(seq.cursor, len(seq.prompt)))
+            if seq.cursor >= len(seq.prompt) - 1:
+                ready.append(seq)
+            if budget <= 0:
+                break
+        if ready:
+            for seq in ready:
+                self._prefilling.remove(seq)
+            self._join_decode(ready)
+            mx.clear_cache()
+
+    def _join_decode(self, seqs: list[_Seq]) -> None:
+        import mlx.core as mx
+        from mlx_lm.generate import GenerationBatch
+
+        n_layers = self.info.num_layers  # type: ignore[union-attr]
+        for seq in seqs:
+            seq.uid = next(self._uids)
+            seq.phase = "decode"
+            seq.cache_tokens = len(seq.prompt)
+            self._decoding[seq.uid] = seq
+        merged = [type(seqs[0].kv[i]).merge([s.kv[i] for s in seqs]) for i in range(n_layers)]  # type: ignore[index]
+        for seq in seqs:
+            seq.kv = None
+        t0 = time.perf_counter()
+        batch = GenerationBatch(
+            self.model,
+            [s.uid for s in seqs],
+            mx.array([s.prompt[-1] for s in seqs]),
+            merged,
+            [list(s.prompt[:-1]) for s in seqs],
+            [s.sampler for s in seqs],
+            self._sampler(0.0, 1.0, 0),
+            [[] for _ in seqs],
+            [self._eos_stops for _ in seqs],
+            [max(s.max_tokens - len(s.generated), 1) for s in seqs],
+        )
+        dt = time.perf_counter() - t0
+        for seq in seqs:
+            seq.prefill_seconds += dt / len(seqs)
+        if self._gen is None or len(self._gen) == 0:
+            self._gen = batch
+        else:
+            self._gen.extend(batch)
+
+    # Decode ----------------------------------------------------------------------------------------
+
+    def _decode_step(self) -> None:
+        assert self.memory is not None
+        # Each running sequence writes one token this step: its blocks must cover it first.
+        for seq in sorted(self._decoding.values(), key=lambda s: s.admitted or 0):
+            if seq.uid not in self._decoding:
+                continue  # preempted while making room for an earlier one
+            self._ensure_decode_room(seq)
+        if not self._decoding:
+            return
+        t0 = time.perf_counter()
+        responses = self._gen.next()
+        dt = time.perf_counter() - t0
+        self._decode_rate.add(len(responses), dt)
+        TOKENS.labels("decode").inc(len(responses))
+        for r in responses:
+            seq = self._decoding.get(r.uid)
+            if seq is None:
+                continue
+            seq.cache_tokens += 1
+            self._on_token(seq, r, dt)
+
+    def _ensure_decode_room(self, seq: _Seq) -> None:
+        assert self.memory is not None and seq.agent is not None
+        protect = set(self._active_agents)
+        while True:
+            try:
+                self.memory.ensure(seq.agent, seq.cache_tokens + 1, protect=protect)
+                return
+            except PoolExhausted:
+                victim = self._preemption_victim(exclude=seq)
+                if victim is None:
+                    log.warning("KV budget full: stopping the only running sequence early",
+                                agent=seq.agent.id, tokens=seq.cache_tokens)
+                    self._remove_from_batch(seq, "max_tokens", None)
+                    return
+                self._preempt(victim)
+
+    def _preemption_victim(self, exclude: _Seq) -> _Seq | None:
+        others = [s for s in self._decoding.values() if s is not exclude]
+        return max(others, key=lambda s: s.admitted or 0) if others else None
+
+    def _preempt(self, seq: _Seq) -> None:
+        """Make room by saving a running sequence to disk; it resumes from there later."""
+        assert self.memory is not None and self.store is not None and seq.agent is not None
+        agent = seq.agent
+        cache, tokens = self._extract(seq)
+        agent.running = False
+        self.store.set_tokens(agent, tokens, cache)
+        log.info("preempting a sequence to free KV blocks", agent=agent.id, tokens=len(tokens))
+        self.memory.evict(agent, reason="preempt")
+        seq.preempted = True
+        seq.phase = "waiting"
+        # Resume: the cache holds every token so far; the last one is fed again for its logits.
+        seq.request = replace(seq.request, tokens=list(tokens))
+        self._waiting.appendleft(seq)
+
+    def _extract(self, seq: _Seq) -> tuple[list[Any], list[int]]:
+        gen = self._gen
+        idx = gen.uids.index(seq.uid)
+        cache = gen.extract_cache(idx)
+        tokens = list(gen.tokens[idx])
+        gen.filter([i for i in range(len(gen.uids)) if i != idx])
+        del self._decoding[seq.uid]
+        return cache, tokens
+
+    def _on_token(self, seq: _Seq, r: Any, step_seconds: float) -> None:
+        now = time.monotonic()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            TIME_TO_FIRST_TOKEN.observe(now - seq.submitted)
+        seq.generated.append(int(r.token))
+        if r.finish_reason == "stop":  # an end-of-turn token: not part of the text
+            self._finish(seq, "end_turn", None, r.prompt_cache, list(r.all_tokens))
+            return
+        seq.detok.add_token(int(r.token))
+        self._emit(seq, seq.detok.last_segment)
+        if seq.stops.matched is not None:
+            cache, tokens = (r.prompt_cache, list(r.all_tokens)) if r.finish_reason else self._extract(seq)
+            self._finish(seq, "stop_sequence", seq.stops.matched, cache, tokens)
+        elif r.finish_reason == "length":
+            self._finish(seq, "max_tokens", None, r.prompt_cache, list(r.all_tokens))
+
+    def _emit(self, seq: _Seq, text: str) -> None:
+        if not text:
+            return
+        out = seq.stops.feed(text)
+        if out:
+            seq.text_parts.append(out)
+            seq.handle._push(TextDelta(out))
+
+    def _remove_from_batch(self, seq: _Seq, reason: StopReason, stop: str | None) -> None:
+        cache, tokens = self._extract(seq)
+        self._finish(seq, reason, stop, cache, tokens)
+
+    def _finish(self, seq: _Seq, reason: StopReason, stop: str | None, cache: list[Any], tokens: list[int]) -> None:
+        assert self.store is not None and self.memory is not None and seq.agent is not None
+        self._decoding.pop(seq.uid, None)
+        if reason != "stop_sequence" and seq.detok is not None:
+            seq.detok.finalize()
+            self._emit(seq, seq.detok.last_segment)
+            tail = seq.stops.flush() if seq.stops else ""
+            if tail:
+                seq.text_parts.append(tail)
+                seq.handle._push(TextDelta(tail))
+        agent = seq.agent
+        agent.running = False
+        self.store.set_tokens(agent, tokens, cache)
+        self.memory.shrink(agent, len(tokens))
+        text = "".join(seq.text_parts)
+        self._record_turn(seq, text, reason)
+        self._release_claim(seq)
+        if self.settings.agent_save_on_finish:
+            self._save_quietly(agent)
+        now = time.monotonic()
+        ttft = (seq.first_token_at - seq.submitted) if seq.first_token_at else None
+        decode_seconds = (now - seq.first_token_at) if seq.first_token_at else 0.0
+        usage = Usage(
+            prompt_tokens=seq.prompt_tokens,
+            cached_tokens=seq.reused_tokens,
+            computed_tokens=seq.prompt_tokens - seq.reused_tokens,
+            output_tokens=len(seq.generated),
+        )
+        result = GenerationResult(
+            agent_id=agent.id, text=text, token_ids=list(seq.generated), stop_reason=reason,
+            stop_sequence=stop, usage=usage, time_to_first_token=ttft,
+            prefill_seconds=seq.prefill_seconds, decode_seconds=decode_seconds,
+            queued_seconds=(seq.admitted or now) - seq.submitted,
+        )
+        GENERATIONS.labels(reason).inc()
+        seq.phase = "done"
+        seq.handle._push(Finished(result))
+
+    def _record_turn(self, seq: _Seq, text: str, reason: StopReason) -> None:
+        agent = seq.agent
+        assert agent is not None
+        req = seq.request
+        if req.messages is not None:
+            messages = [dict(m) for m in req.messages]
+            answer = req.continues_text + text
+            if messages and messages[-1].get("role") == "assistant":
+                messages[-1] = {"role": "assistant", "content": answer}
+            else:
+                messages.append({"role": "assistant", "content": answer})
+            if reason == "cancelled":
+                messages[-1]["cancelled"] = True
+            agent.record.messages = messages
+        if req.system_prompt is not None:
+            agent.record.system_prompt = req.system_prompt
+        agent.touch()
+        agent.changed()
+
+    def _save_quietly(self, agent: Agent) -> None:
+        assert self.store is not None
+        try:
+            self.store.save_async(agent)
+        except SemanticError as exc:
+            log.error("could not start saving an agent", agent=agent.id, error=str(exc))
+
+    def _release_claim(self, seq: _Seq) -> None:
+        if seq.agent is not None and self._active_agents.get(seq.agent.id) is seq:
+            del self._active_agents[seq.agent.id]
+
+    # Cancellation and failure ------------------------------------------------------------------------
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        for seq in list(self._waiting):
+            if seq.handle is handle:
+                self._waiting.remove(seq)
+                self._release_claim(seq)
+                self._finish_unstarted(seq)
+                return
+        for seq in list(self._prefilling):
+            if seq.handle is handle:
+                # Keep what was computed: the cache holds the prompt up to the cursor.
+                self._prefilling.remove(seq)
+                agent = seq.agent
+                assert agent is not None and self.store is not None and self.memory is not None
+                agent.running = False
+                self.store.set_tokens(agent, list(seq.prompt[: seq.cursor]), seq.kv)
+                self.memory.shrink(agent, seq.cursor)
+                seq.kv = None
+                self._release_claim(seq)
+                self._finish_unstarted(seq)
+                return
+        for seq in list(self._decoding.values()):
+            if seq.handle is handle:
+                self._remove_from_batch(seq, "cancelled", None)
+                return
+
+    def _finish_unstarted(self, seq: _Seq) -> None:
+        now = time.monotonic()
+        result = GenerationResult(
+            agent_id=seq.agent.id if seq.agent else "", text="", token_ids=[], stop_reason="cancelled",
+            stop_sequence=None, usage=Usage(len(seq.prompt), 0, 0, 0), time_to_first_token=None,
+            prefill_seconds=seq.prefill_seconds, decode_seconds=0.0, queued_seconds=now - seq.submitted,
+        )
+        GENERATIONS.labels("cancelled").inc()
+        seq.handle._push(Finished(result))
+
+    def _fail(self, seq: _Seq, exc: Exception) -> None:
+        self._release_claim(seq)
+        if seq.created_agent and seq.agent is not None and not seq.agent.tokens and self.store is not None:
+            with contextlib.suppress(SemanticError):
+                self.memory.release(seq.agent)  # type: ignore[union-attr]
+                self.store.forget(seq.agent)
+        seq.phase = "done"
+        seq.handle._push(Failed(exc))
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        err = exc if isinstance(exc, Exception) else EngineStopped()
+        for seq in [*self._waiting, *self._prefilling, *self._decoding.values()]:
+            seq.handle._push(Failed(err))
+        self._waiting.clear()
+        self._prefilling.clear()
+        self._decoding.clear()
+
+    def _shutdown(self, save: bool) -> None:
+        """Cancel everything in flight (keeping computed caches), then save every hot agent."""
+        self._stopping = True
+        for seq in list(self._waiting) + list(self._prefilling) + list(self._decoding.values()):
+            self._cancel(seq.handle)
+        assert self.store is not None
+        if save:
+            for agent in self.store.hot_agents():
+                try:
+                    self.store.save(agent)
+                except SemanticError as exc:
+                    log.error("could not save an agent at shutdown", agent=agent.id, error=str(exc))
+        self.store.poll_io()
+        self.store.close()
+        self._publish(force=True)
+
+    # Agent operations (run on the engine thread through `call`) ---------------------------------------
+
+    def create_agent(
+        self, agent_id: str | None = None, *, display_name: str | None = None, system_prompt: str | None = None,
+        sampling: Sampling | None = None,
+    ) -> AgentInfo:
+        def op() -> AgentInfo:
+            assert self.store is not None and self.memory is not None
+            agent = self.store.create(agent_id, display_name=display_name, system_prompt=system_prompt,
+                                      sampling=sampling)
+            agent.changed()
+            self.store.save(agent)  # an empty agent is still an agent after a restart
+            return self._info(agent)
+        return self.call(op)
+
+    def list_agents(self) -> list[AgentInfo]:
+        return self.call(lambda: [self._info(a) for a in sorted(self.store, key=lambda a: a.id)])  # type: ignore[arg-type]
+
+    def get_agent(self, agent_id: str) -> tuple[AgentInfo, list[dict[str, Any]]]:
+        def op() -> tuple[AgentInfo, list[dict[str, Any]]]:
+            agent = self.store.get(agent_id)  # type: ignore[union-attr]
+            return self._info(agent), [dict(m) for m in agent.record.messages]
+        return self.call(op)
+
+    def save_agent(self, agent_id: str) -> AgentInfo:
+        def op() -> AgentInfo:
+            agent = self.store.get(agent_id)  # type: ignore[union-attr]
+            if agent.running:
+                raise AgentBusy(agent_id, "save")
+            if agent.hot:
+                self.store.save(agent)  # type: ignore[union-attr]
+            return self._info(agent)
+        return self.call(op)
+
+    def evict_agent(self, agent_id: str) -> AgentInfo:
+        def op() -> AgentInfo:
+            agent = self.store.get(agent_id)  # type: ignore[union-attr]
+            if agent.running:
+                raise AgentBusy(agent_id, "evict")
+            self.memory.evict(agent, reason="manual")  # type: ignore[union-attr]
+            return self._info(agent)
+        return self.call(op)
+
+    def load_agent(self, agent_id: str) -> AgentInfo:
+        def op() -> AgentInfo:
+            self._make_hot(self.store.get(agent_id))  # type: ignore[union-attr]
+            return self._info(self.store.get(agent_id))  # type: ignore[union-attr]
+        return self.call(op)
+
+    def pin_agent(self, agent_id: str, pinned: bool = True) -> AgentInfo:
+        def op() -> AgentInfo:
+            agent = self.store.set_pinned(agent_id, pinned)  # type: ignore[union-attr]
+            if pinned:
+                self._make_hot(agent)  # pinning keeps it hot, so it starts hot
+            self._save_quietly(agent) if agent.hot and not agent.running else None
+            if not agent.hot:
+                self._rewrite_cold(agent)
+            return self._info(agent)
+        return self.call(op)
+
+    def rename_agent(self, agent_id: str, display_name: str | None) -> AgentInfo:
+        def op() -> AgentInfo:
+            agent = self.store.rename(agent_id, display_name)  # type: ignore[union-attr]
+            if agent.hot and not agent.running:
+                self._save_quietly(agent)
+            elif not agent.hot:
+                self._rewrite_cold(agent)
+            return self._info(agent)
+        return self.call(op)
+
+    def delete_agent(self, agent_id: str) -> None:
+        def op() -> None:
+            agent = self.store.get(agent_id)  # type: ignore[union-attr]
+            if agent.running or agent_id in self._active_agents:
+                raise AgentBusy(agent_id, "delete")
+            self.memory.release(agent)  # type: ignore[union-attr]
+            self.store.forget(agent)  # type: ignore[union-attr]
+        self.call(op)
+
+    def fork_agent(self, agent_id: str, new_id: str | None = None, *, display_name: str | None = None) -> AgentInfo:
+        def op() -> AgentInfo:
+            assert self.store is not None and self.memory is not None
+            parent = self.store.get(agent_id)
+            if parent.running:
+                raise AgentBusy(agent_id, "fork")
+            self._make_hot(parent)
+            self.memory.make_hot_slot({parent.id, *self._active_agents})
+            child = self.store.create(new_id, display_name=display_name, system_prompt=parent.record.system_prompt,
+                                      sampling=parent.record.sampling, forked_from=parent.id)
+            try:
+                self._fork_into(parent, child, len(parent.tokens))
+            except SemanticError:
+                self.memory.release(child)
+                self.store.forget(child)
+                raise
+            child.record.messages = [dict(m) for m in parent.record.messages]
+            child.changed()
+            self._save_quietly(child)
+            return self._info(child)
+        return self.call(op)
+
+    def _make_hot(self, agent: Agent) -> None:
+        assert self.store is not None and self.memory is not None
+        if agent.hot:
+            agent.touch()
+            return
+        if agent.damaged:
+            raise AgentDamaged(f"agent {agent.id!r} is damaged: {agent.damaged}")
+        if not agent.compatible:
+            raise ModelMismatch(f"agent {agent.id!r} was saved with another model")
+        protect = {agent.id, *self._active_agents}
+        self.memory.make_hot_slot(protect)
+        if agent.on_disk and agent.tokens:
+            fut = self.store.read_async(agent)
+            fut.exception()  # wait: explicit loads are synchronous for their caller
+            if fut.exception() is None:
+                self.memory.ensure(agent, len(fut.result()[0].tokens), protect=protect)
+            try:
+                self.store.finish_load(agent, fut)
+            except SemanticError:
+                self.memory.release(agent)
+                raise
+        else:
+            agent.cache = self._new_cache()
+            agent.tokens = []
+        agent.touch()
+
+    def _rewrite_cold(self, agent: Agent) -> None:
+        """A cold agent's record changed: load, save, evict (keeps the single-file format simple)."""
+        assert self.memory is not None and self.store is not None
+        if agent.damaged or not agent.compatible or not agent.on_disk:
+            return
+        self._make_hot(agent)
+        agent.changed()
+        self.store.save(agent)
+        if not agent.record.pinned:
+            self.memory.evict(agent, reason="manual")
+
+    def _info(self, agent: Agent) -> AgentInfo:
+        assert self.info is not None and self.pool is not None
+        tokens = len(agent.tokens) if not agent.running else max(
+            len(agent.tokens), self._running_tokens(agent.id))
+        return AgentInfo(
+            id=agent.id, name=agent.record.name, tier=agent.tier, pinned=agent.record.pinned,
+            running=agent.running, tokens=tokens, blocks=len(agent.blocks), shared_blocks=agent.shared_blocks,
+            kv_bytes=tokens * self.info.bytes_per_token if agent.hot else 0, disk_bytes=agent.disk_bytes,
+            on_disk=agent.on_disk, dirty=agent.dirty, compatible=agent.compatible, damaged=agent.damaged,
+            created_at=agent.record.created_at, last_used=agent.record.last_used,
+            messages=len(agent.record.messages), system_prompt=agent.record.system_prompt,
+            forked_from=agent.record.forked_from, reused_tokens=agent.reused_tokens,
+            computed_tokens=agent.computed_tokens, save_error=agent.save_error,
+        )
+
+    def _running_tokens(self, agent_id: str) -> int:
+        seq = self._active_agents.get(agent_id)
+        if seq is None:
+            return 0
+        return seq.cache_tokens if seq.phase == "decode" else seq.cursor
+
+    # Metrics and snapshots -------------------------------------------------------------------------
+
+    def _sampler(self, temperature: float, top_p: float, top_k: int) -> Any:
+        """One sampler object per distinct setting, so a batch that shares settings samples in one call."""
+        from mlx_lm.sample_utils import make_sampler
+
+        key = (float(temperature), float(top_p), int(top_k))
+        if key not in self._samplers:
+            self._samplers[key] = make_sampler(temp=key[0], top_p=key[1] if key[1] < 1.0 else 0.0, top_k=key[2])
+        return self._samplers[key]
+
+    def _publish(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._snapshot_at < 0.2:
+            return
+        assert self.store is not None and self.pool is not None and self.memory is not None
+        self._snapshot_at = now
+        agents = tuple(self._info(a) for a in sorted(self.store, key=lambda a: a.id))
+        stats = self.pool.stats()
+        prefill_tps, decode_tps = self._prefill_rate.value(), self._decode_rate.value()
+        snap = EngineSnapshot(
+            taken_at=time.time(), agents=agents, pool_capacity=stats.capacity, pool_used=stats.used,
+            pool_shared=stats.shared, block_tokens=stats.block_tokens, bytes_per_block=stats.bytes_per_block,
+            hot_agents=sum(1 for a in agents if a.tier == "hot"), max_hot=self.memory.max_hot,
+            running=len(self._decoding), prefilling=len(self._prefilling), waiting=len(self._waiting),
+            tokens_reused=self.tokens_reused, tokens_computed=self.tokens_computed,
+            prefill_tps=prefill_tps, decode_tps=decode_tps, evictions=self.memory.evictions,
+            saves=self.store.saves_total, loads=self.store.loads_total, quarantined=self.store.quarantined_total,
+            disk_bytes=self.store.disk_bytes(), requests_total=self.requests_total,
+            block_map=tuple(tuple(o) for o in self.pool.block_map()),
+        )
+        self._snapshot = snap
+        POOL_UTILIZATION.set(snap.utilization)
+        POOL_BLOCKS.labels("used").set(stats.used)
+        POOL_BLOCKS.labels("free").set(stats.free)
+        POOL_BLOCKS.labels("shared").set(stats.shared)
+        for tier in ("hot", "cold", "damaged"):
+            AGENTS.labels(tier).set(sum(1 for a in agents if a.tier == tier))
+        AGENTS_ACTIVE.set(len(self._active_agents))
+        BATCH_SIZE.set(len(self._decoding))
+        QUEUE_DEPTH.set(len(self._waiting))
+        TOKENS_PER_SECOND.labels("prefill").set(prefill_tps)
+        TOKENS_PER_SECOND.labels("decode").set(decode_tps)
+        for fn in list(self._listeners):
+            try:
+                fn(snap)
+            except Exception:  # a listener must never break generation
+                log.exception("snapshot listener failed")
+
+
+def _thread_main(holder: list[Engine]) -> None:
+    """Run the engine, then park the thread instead of letting it end.
+
+    A thread that used MLX runs MLX's thread-local destructors when it ends, and they re-enter
+    Python; if that happens while the interpreter is exiting, the process aborts ("terminate called
+    without an active exception"). A parked daemon thread is simply dropped at exit. The engine is
+    released first, so a parked thread holds no model memory.
+    """
+    engine = holder.pop()
+    engine._main()
+    del engine
+    threading.Event().wait()

@@ -1,0 +1,116 @@
+"""Domain errors raised by the core. The API maps each to one Anthropic error type in one place."""
+
+from __future__ import annotations
+
+
+class SemanticError(Exception):
+    """Base of every error the core raises on purpose. `kind` names the class of failure."""
+
+    kind = "api_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(SemanticError):
+    kind = "invalid_request_error"
+
+
+class PromptTooLong(InvalidRequest):
+    def __init__(self, prompt_tokens: int, limit: int, what: str = "prompt") -> None:
+        super().__init__(
+            f"{what} is {prompt_tokens} tokens, over the model's context limit of {limit} tokens"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+
+
+class AgentNotFound(SemanticError):
+    kind = "not_found_error"
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__(f"agent {agent_id!r} does not exist")
+        self.agent_id = agent_id
+
+
+class AgentExists(SemanticError):
+    kind = "invalid_request_error"
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__(f"agent {agent_id!r} already exists")
+        self.agent_id = agent_id
+
+
+class AgentBusy(SemanticError):
+    """The agent is generating; the operation needs it idle."""
+
+    kind = "invalid_request_error"
+
+    def __init__(self, agent_id: str, action: str) -> None:
+        super().__init__(f"agent {agent_id!r} is generating; cannot {action} it now (retry when it is idle)")
+        self.agent_id = agent_id
+
+
+class AgentDamaged(SemanticError):
+    """The agent's file failed verification and was quarantined."""
+
+    kind = "api_error"
+
+
+class InvalidAgentId(InvalidRequest):
+    pass
+
+
+class ModelMismatch(SemanticError):
+    """A saved cache belongs to a different model than the one loaded."""
+
+    kind = "invalid_request_error"
+
+
+class PoolExhausted(SemanticError):
+    """The KV block pool cannot hold what was asked, even after evicting every idle agent."""
+
+    kind = "overloaded_error"
+
+    def __init__(self, message: str, *, never_fits: bool = False) -> None:
+        super().__init__(message)
+        self.never_fits = never_fits
+
+
+class QueueFull(SemanticError):
+    kind = "overloaded_error"
+
+
+class ModelNotFound(SemanticError):
+    kind = "not_found_error"
+
+
+class ModelLoadError(SemanticError):
+    """A model could not be fetched, converted or loaded; the message says why and what to do."""
+
+    kind = "api_error"
+
+
+class UnsupportedModel(ModelLoadError):
+    pass
+
+
+class StorageError(SemanticError):
+    """Writing an agent to disk failed (disk full, permissions); the previous file is intact."""
+
+    kind = "api_error"
+
+
+class EngineStopped(SemanticError):
+    kind = "overloaded_error"
+
+    def __init__(self, message: str = "the engine is shutting down") -> None:
+        super().__init__(message)
+
+
+class GenerationCancelled(SemanticError):
+    kind = "api_error"
+
+    def __init__(self, message: str = "generation was cancelled") -> None:
+        super().__init__(message)

