@@ -58,6 +58,9 @@ class AgentRecord:
     pinned: bool = False
     sampling: Sampling = field(default_factory=Sampling)
     forked_from: str | None = None
+    # Cached tokens before the last answer began: a request that contains all of them is the same
+    # conversation resent (its copy of the answer may tokenize differently), not a new one.
+    reply_start: int = 0
 
     @property
     def name(self) -> str:

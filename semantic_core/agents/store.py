@@ -329,6 +329,8 @@ class AgentStore:
             if agent.tokens:
                 raise StorageError(f"agent {agent.id!r} has tokens but no cache in memory to save")
             return []
+        if not agent.tokens or agent.cache[0].keys is None:
+            return []
         import mlx.core as mx
 
         arrays = []

@@ -443,7 +443,11 @@ class Engine:
 
     # Snapshots for readers on other threads ----------------------------------------------------------
 
-    def snapshot(self) -> EngineSnapshot:
+    def snapshot(self, fresh: bool = False) -> EngineSnapshot:
+        """The latest published snapshot (at most ~0.2 s old while generating), or, with `fresh`,
+        one taken now between two steps."""
+        if fresh and not self._stopped.is_set():
+            self.call(lambda: self._publish(force=True))
         snap = self._snapshot
         if snap is None:
             raise EngineStopped("the engine has not started")
@@ -517,7 +521,6 @@ class Engine:
                 return
             assert self.store is not None
             self.store.poll_io()
-            self._poll_loads()
             self._admit()
             worked = False
             if self._gen is not None and self._decoding:
@@ -532,14 +535,13 @@ class Engine:
                 self._wake.clear()
 
     def _has_pending_io(self) -> bool:
-        return any(s.load_future is not None for s in self._waiting) or any(
-            a.pending_save is not None for a in self.store  # type: ignore[union-attr]
-        )
+        return any(a.pending_save is not None for a in self.store)  # type: ignore[union-attr]
 
     def _drain_inbox(self) -> None:
         while self._inbox:
             item = self._inbox.popleft()
             kind = item[0]
+            self._snapshot_dirty = True
             if kind == "request":
                 handle: RequestHandle = item[1]
                 self._waiting.append(_Seq(handle=handle, request=handle.request, submitted=time.monotonic()))
@@ -562,11 +564,13 @@ class Engine:
 
     def _admit(self) -> None:
         max_batch = self.settings.mlx_max_batch_size
+        ahead: set[str] = set()  # agents of requests earlier in the queue: later ones may not evict them
         for seq in list(self._waiting):
             if len(self._decoding) + len(self._prefilling) >= max_batch:
                 break
+            protect = self._running_agents() | ahead
             try:
-                status = self._prepare(seq)
+                status = self._prepare(seq, protect)
             except SemanticError as exc:
                 self._waiting.remove(seq)
                 self._fail(seq, exc)
@@ -574,17 +578,27 @@ class Engine:
             if status == "ready":
                 self._waiting.remove(seq)
                 self._start_prefill(seq)
-            elif status == "blocked":
+                continue
+            if status == "blocked":
                 break  # first come first served: later requests do not overtake for memory
+            for agent in (seq.agent, seq.load_target):
+                if agent is not None:
+                    ahead.add(agent.id)
 
-    def _prepare(self, seq: _Seq) -> str:
-        """Resolve the agent and make room. Returns "ready", "loading", "busy" or "blocked"."""
+    def _running_agents(self) -> set[str]:
+        return {s.agent.id for s in (*self._prefilling, *self._decoding.values()) if s.agent is not None}
+
+    def _prepare(self, seq: _Seq, protect: set[str]) -> str:
+        """Resolve the agent, make its cache hot and reserve blocks for the prompt.
+        Returns "ready", "loading", "busy" or "blocked" (memory)."""
         assert self.store is not None and self.memory is not None and self.pool is not None
         req = seq.request
         if seq.load_future is not None:
-            return "loading"
+            status = self._finish_loading(seq, protect)
+            if status != "ready":
+                return status
         if seq.agent is None:
-            status = self._resolve_agent(seq)
+            status = self._resolve_agent(seq, protect)
             if status != "ready":
                 return status
         agent = seq.agent
@@ -592,6 +606,7 @@ class Engine:
         if not agent.hot:
             if agent.on_disk and agent.tokens:
                 return self._start_load(seq, agent)
+            self.memory.make_hot_slot(protect | {agent.id})
             agent.tokens = []
             agent.cache = self._new_cache()
             agent.changed()
@@ -606,20 +621,28 @@ class Engine:
                 f"{self.settings.mlx_cache_budget_mb:g}); shorten the prompt or raise the budget",
                 never_fits=True,
             )
-        protect = {a for a in self._active_agents if a != agent.id} | ({seq.parent.id} if seq.parent else set())
+        keep = protect | ({seq.parent.id} if seq.parent else set())
+        if reuse < len(agent.tokens):
+            self._trim(agent, reuse)
         try:
-            if reuse < len(agent.tokens):
-                self._trim(agent, reuse)
-            self.memory.ensure(agent, need_tokens, protect=protect)
-            self.memory.unshare(agent, protect=protect)
+            self.memory.ensure(agent, need_tokens, protect=keep)
+            self.memory.unshare(agent, protect=keep)
         except PoolExhausted:
-            if not self._decoding and not self._prefilling and not self.memory.evictable(protect):
-                raise
-            return "blocked"
+            return self._blocked()
         seq.cached = reuse
         return "ready"
 
-    def _resolve_agent(self, seq: _Seq) -> str:
+    def _blocked(self) -> str:
+        """Memory is short now. Waiting helps only if something running will finish."""
+        assert self.memory is not None
+        if not self._decoding and not self._prefilling and not self.memory.evictable():
+            raise PoolExhausted(
+                "the KV pool is full of pinned agents and nothing can be evicted; unpin or evict an agent, "
+                "or raise SEMANTIC_MLX_CACHE_BUDGET_MB"
+            )
+        return "blocked"
+
+    def _resolve_agent(self, seq: _Seq, protect: set[str]) -> str:
         assert self.store is not None and self.memory is not None
         req = seq.request
         if req.agent_id is not None:
@@ -634,7 +657,6 @@ class Engine:
                         f"agent {agent.id!r} was saved with another model; load that model or delete the agent"
                     )
             elif req.create_agent:
-                self.memory.make_hot_slot(self._active_agents)
                 agent = self.store.create(req.agent_id, system_prompt=req.system_prompt)
                 seq.created_agent = True
             else:
@@ -649,17 +671,25 @@ class Engine:
             if not cand.hot:
                 seq.parent = cand
                 return self._start_load(seq, cand)
-            if match.length >= len(cand.tokens):
+            if match.length >= len(cand.tokens) or 0 < cand.record.reply_start <= match.length:
+                seq.parent = None
                 self._claim(seq, cand)  # the same conversation, resent with a new turn
                 return "ready"
-            self.memory.make_hot_slot({*self._active_agents, cand.id})
+            try:
+                self.memory.make_hot_slot(protect | {cand.id})
+            except PoolExhausted:
+                return self._blocked()
             child = self.store.create(None, system_prompt=req.system_prompt, forked_from=cand.id)
-            self._fork_into(cand, child, match.length)
+            try:
+                self._fork_into(cand, child, match.length)
+            except PoolExhausted:
+                self.memory.release(child)
+                self.store.forget(child)
+                return self._blocked()
             seq.parent = cand
             seq.created_agent = True
             self._claim(seq, child)
             return "ready"
-        self.memory.make_hot_slot(self._active_agents)
         agent = self.store.create(None, system_prompt=req.system_prompt)
         seq.created_agent = True
         self._claim(seq, agent)
@@ -671,51 +701,53 @@ class Engine:
         agent.touch()
 
     def _start_load(self, seq: _Seq, agent: Agent) -> str:
+        """Read the agent's file on the reader thread; the loop wakes when it is done."""
         assert self.store is not None
-        seq.load_future = self.store.read_async(agent)
+        fut = self.store.read_async(agent)
+        fut.add_done_callback(lambda _: self._wake.set())
+        seq.load_future = fut
         seq.load_target = agent
         seq.phase = "loading"
         return "loading"
 
-    def _poll_loads(self) -> None:
+    def _finish_loading(self, seq: _Seq, protect: set[str]) -> str:
+        """Turn a finished read into a hot cache once the pool has room for it."""
         assert self.store is not None and self.memory is not None
-        for seq in list(self._waiting):
-            fut = seq.load_future
-            if fut is None or not fut.done():
-                continue
-            target = seq.load_target
-            assert target is not None
-            if target.hot:  # someone else loaded it meanwhile
-                seq.load_future = seq.load_target = None
-                continue
-            try:
-                exc = fut.exception()
-                if exc is None:
-                    tokens = len(fut.result()[0].tokens)
-                    protect = set(self._active_agents)
-                    self.memory.make_hot_slot(protect)
-                    self.memory.ensure(target, tokens, protect=protect)
-                self.store.finish_load(target, fut)
-                target.touch()
-            except PoolExhausted:
-                self.memory.release(target)
-                if not self._decoding and not self._prefilling:
-                    self._waiting.remove(seq)
-                    self._fail(seq, PoolExhausted(
-                        f"agent {target.id!r} needs {len(target.tokens)} tokens of KV cache, more than "
-                        "the pool can free; raise SEMANTIC_MLX_CACHE_BUDGET_MB", never_fits=True))
-                continue  # retried once memory frees up
-            except SemanticError as exc:
-                self.memory.release(target)
-                seq.load_future = seq.load_target = None
-                if seq.agent is target:
-                    self._waiting.remove(seq)
-                    self._fail(seq, exc)
-                else:
-                    seq.parent = None  # the candidate is unusable: resolve again without it
-                continue
+        fut, target = seq.load_future, seq.load_target
+        assert fut is not None and target is not None
+        if not fut.done():
+            return "loading"
+        if target.hot:  # loaded meanwhile by an agent operation
             seq.load_future = seq.load_target = None
             seq.phase = "waiting"
+            return "ready"
+        if fut.exception() is None:
+            tokens = len(fut.result()[0].tokens)
+            if not self.memory.fits_ever(tokens + 1):
+                seq.load_future = seq.load_target = None
+                raise PoolExhausted(
+                    f"agent {target.id!r} holds {tokens} tokens of KV cache, more than the whole pool "
+                    f"({self.memory.capacity_tokens()} tokens); raise SEMANTIC_MLX_CACHE_BUDGET_MB",
+                    never_fits=True,
+                )
+            try:
+                self.memory.make_hot_slot(protect | {target.id})
+                self.memory.ensure(target, tokens, protect=protect)
+            except PoolExhausted:
+                self.memory.release(target)
+                return self._blocked()
+        seq.load_future = seq.load_target = None
+        seq.phase = "waiting"
+        try:
+            self.store.finish_load(target, fut)
+        except SemanticError:
+            self.memory.release(target)
+            if seq.agent is target:
+                raise
+            seq.parent = None  # the candidate is unusable: resolve again without it
+            return "waiting"
+        target.touch()
+        return "ready"
 
     def _fork_into(self, parent: Agent, child: Agent, length: int) -> None:
         """Child shares the parent's first `length` tokens (views of its arrays; copy on write)."""
@@ -879,7 +911,7 @@ class Engine:
 
     def _ensure_decode_room(self, seq: _Seq) -> None:
         assert self.memory is not None and seq.agent is not None
-        protect = set(self._active_agents)
+        protect = self._running_agents()
         while True:
             try:
                 self.memory.ensure(seq.agent, seq.cache_tokens + 1, protect=protect)
@@ -986,6 +1018,7 @@ class Engine:
         )
         GENERATIONS.labels(reason).inc()
         seq.phase = "done"
+        self._snapshot_dirty = True
         seq.handle._push(Finished(result))
 
     def _record_turn(self, seq: _Seq, text: str, reason: StopReason) -> None:
@@ -1004,6 +1037,7 @@ class Engine:
             agent.record.messages = messages
         if req.system_prompt is not None:
             agent.record.system_prompt = req.system_prompt
+        agent.record.reply_start = seq.prompt_tokens
         agent.touch()
         agent.changed()
 
@@ -1260,8 +1294,10 @@ class Engine:
 
     def _publish(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._snapshot_at < 0.2:
+        busy = bool(self._decoding or self._prefilling)
+        if not force and (now - self._snapshot_at < 0.2 if busy else not self._snapshot_dirty):
             return
+        self._snapshot_dirty = False
         assert self.store is not None and self.pool is not None and self.memory is not None
         self._snapshot_at = now
         agents = tuple(self._info(a) for a in sorted(self.store, key=lambda a: a.id))

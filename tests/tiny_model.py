@@ -1,0 +1,90 @@
+"""A tiny random-weight llama model in a standard mlx-lm directory, built in seconds.
+
+Its logits are spread wide (large embeddings) so greedy decoding does not hinge on float noise: the
+same prompt gives the same tokens whether it runs alone or in a padded batch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Agents keep their context in a KV cache; the cache is saved to disk and loaded again.",
+    "What is the capital of France? Paris is the capital of France.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "Hello, world! Bonjour le monde! ¡Hola, mundo! 你好，世界 🌍",
+    "Observation: the stop sequence may span tokens. Thought: keep going.",
+]
+
+
+def build_tokenizer(out: Path, vocab_size: int = 384) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "add_bos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": 8192, "chat_template": CHATML,
+    }))
+
+
+def build_tiny_model(out: Path, *, seed: int = 0, layers: int = 4, hidden: int = 64) -> Path:
+    import mlx.core as mx
+
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out)
+    from tokenizers import Tokenizer
+
+    vocab_size = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    heads, kv_heads, head_dim, inter = 4, 2, hidden // 4, hidden * 2
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int, scale: float) -> mx.array:
+        return mx.array(rng.normal(0.0, scale, size=shape).astype(np.float32))
+
+    weights = {"model.embed_tokens.weight": w(vocab_size, hidden, scale=1.0),
+               "model.norm.weight": mx.ones((hidden,))}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        weights.update({
+            f"{p}.self_attn.q_proj.weight": w(heads * head_dim, hidden, scale=0.2),
+            f"{p}.self_attn.k_proj.weight": w(kv_heads * head_dim, hidden, scale=0.2),
+            f"{p}.self_attn.v_proj.weight": w(kv_heads * head_dim, hidden, scale=0.2),
+            f"{p}.self_attn.o_proj.weight": w(hidden, heads * head_dim, scale=0.2),
+            f"{p}.mlp.gate_proj.weight": w(inter, hidden, scale=0.2),
+            f"{p}.mlp.up_proj.weight": w(inter, hidden, scale=0.2),
+            f"{p}.mlp.down_proj.weight": w(hidden, inter, scale=0.2),
+            f"{p}.input_layernorm.weight": mx.ones((hidden,)),
+            f"{p}.post_attention_layernorm.weight": mx.ones((hidden,)),
+        })
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
+        "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "head_dim": head_dim, "rms_norm_eps": 1e-5, "vocab_size": vocab_size, "rope_theta": 10000.0,
+        "max_position_embeddings": 8192, "tie_word_embeddings": True, "eos_token_id": 2,
+    }))
+    return out
