@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     server_max_body_mb: float = Field(8.0, gt=0, description="Largest request body accepted, in MB.")
     server_max_queue: int = Field(256, ge=1, description="Waiting requests beyond which the API answers 529.")
     server_drain_seconds: float = Field(30.0, ge=0, description="Graceful shutdown: wait for in-flight requests.")
+    server_model_aliases: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["claude-*"],
+        description="Comma-separated model names (fnmatch patterns) also served by the loaded model, so "
+        "clients that ask for a Claude model work unchanged; other unknown names get 404.",
+    )
 
     # Model and engine
     mlx_model_id: str = Field(
@@ -104,7 +109,7 @@ class Settings(BaseSettings):
         description="Comma-separated API keys; unset means no authentication.",
     )
 
-    @field_validator("server_cors_origins", mode="before")
+    @field_validator("server_cors_origins", "server_model_aliases", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)

@@ -212,6 +212,41 @@ class _progress:
         self.bar.stop()
 
 
+# serve ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (SEMANTIC_SERVER_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (SEMANTIC_SERVER_PORT; 0 picks one).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes; only 1 is supported.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR or PRODUCTION (JSON).")] = None,
+    reload: Annotated[bool, typer.Option(help="Restart on code changes (development).")] = False,
+) -> None:
+    """Serve the Anthropic-compatible API headless (same engine as the TUI)."""
+    from semantic_core.api.server import port_in_use
+    from semantic_core.api.server import serve as run_server
+
+    settings = _settings(server_host=host, server_port=port, server_workers=workers, server_log_level=log_level)
+    if port_in_use(settings.server_host, settings.server_port):
+        raise _fail(f"port {settings.server_port} on {settings.server_host} is already in use: stop the other "
+                    "server or choose another with --port / SEMANTIC_SERVER_PORT")
+    if reload:
+        import os
+
+        import uvicorn
+
+        for key, value in settings.public_dict().items():
+            if key.startswith("SEMANTIC_") and value is not None and key != "SEMANTIC_ANTHROPIC_API_KEY":
+                os.environ[key] = ",".join(value) if isinstance(value, list) else str(value)
+        uvicorn.run("semantic_core.api.server:reload_factory", factory=True, reload=True,
+                    host=settings.server_host, port=settings.server_port, log_config=None)
+        return
+    err.print(f"serving the Anthropic Messages API on http://{settings.server_host}:{settings.server_port} "
+              f"(model {settings.mlx_model_id}); Ctrl-C stops and saves every agent", highlight=False)
+    run_server(settings)
+
+
 # generate ------------------------------------------------------------------------------------------
 
 

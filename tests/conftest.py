@@ -14,6 +14,12 @@ from semantic_core.config import Settings, load_settings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    from semantic_core.observability import configure_logging
+
+    configure_logging("WARNING")
+
 DATA = Path(__file__).parent / "data"
 
 
@@ -85,3 +91,34 @@ def engine_factory(tmp_path: Path, tiny_loaded):
 @pytest.fixture
 def tiny_engine(engine_factory) -> Iterator:
     yield engine_factory()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path, tiny_loaded):
+    """Real HTTP servers on free ports (tiny model unless `loaded` is given); stopped afterwards."""
+    from tests.api_server import ServerThread
+
+    servers: list[ServerThread] = []
+
+    def factory(loaded=None, **overrides) -> ServerThread:
+        overrides.setdefault("agent_cache_dir", tmp_path / f"server-{len(servers)}")
+        overrides.setdefault("server_log_level", "WARNING")
+        server = ServerThread(make_settings(tmp_path, **overrides), loaded or tiny_loaded).start()
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def api(server_factory):
+    return server_factory()
+
+
+@pytest.fixture
+def client(api):
+    import anthropic
+
+    return anthropic.Anthropic(base_url=api.url, api_key="test", max_retries=0)

@@ -256,6 +256,7 @@ class EngineSnapshot:
     quarantined: int
     disk_bytes: int
     requests_total: int
+    can_serve: bool = True  # False: the pool is full and nothing can be evicted
     block_map: tuple[tuple[str, ...], ...] = ()
 
     @property
@@ -348,6 +349,10 @@ class Engine:
     @property
     def started(self) -> bool:
         return self._started.is_set()
+
+    @property
+    def start_error(self) -> BaseException | None:
+        return self._start_error
 
     def stop(self, save: bool = True, timeout: float = 60.0) -> None:
         """Cancel what is queued, finish nothing new, save hot agents (if `save`), stop the thread."""
@@ -1130,8 +1135,10 @@ class Engine:
     ) -> AgentInfo:
         def op() -> AgentInfo:
             assert self.store is not None and self.memory is not None
+            self.memory.make_hot_slot(self._active_agents)
             agent = self.store.create(agent_id, display_name=display_name, system_prompt=system_prompt,
                                       sampling=sampling)
+            agent.cache = self._new_cache()
             agent.changed()
             self.store.save(agent)  # an empty agent is still an agent after a restart
             return self._info(agent)
@@ -1312,6 +1319,7 @@ class Engine:
             prefill_tps=prefill_tps, decode_tps=decode_tps, evictions=self.memory.evictions,
             saves=self.store.saves_total, loads=self.store.loads_total, quarantined=self.store.quarantined_total,
             disk_bytes=self.store.disk_bytes(), requests_total=self.requests_total,
+            can_serve=self.memory.can_serve(),
             block_map=tuple(tuple(o) for o in self.pool.block_map()),
         )
         self._snapshot = snap

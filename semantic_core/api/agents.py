@@ -1,0 +1,136 @@
+"""/v1/agents: list, create, get (with history), rename, save, evict, load, pin/unpin, fork, delete.
+
+Agent operations run on the engine thread between two generation steps; handlers wait for them in a
+worker thread so the event loop keeps serving streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from semantic_core.agents.record import validate_agent_id
+from semantic_core.api.schemas import AgentCreate, AgentFork, AgentPatch
+from semantic_core.engine.engine import AgentInfo, Engine
+from semantic_core.errors import EngineStopped
+
+router = APIRouter(prefix="/v1/agents", tags=["agents"])
+
+
+def _engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    if not engine.ready:
+        raise EngineStopped("the model is still loading; retry shortly")
+    return engine
+
+
+def agent_json(info: AgentInfo) -> dict[str, Any]:
+    return {
+        "type": "agent",
+        "id": info.id,
+        "display_name": info.name,
+        "tier": info.tier,
+        "pinned": info.pinned,
+        "generating": info.running,
+        "tokens": info.tokens,
+        "kv_bytes": info.kv_bytes,
+        "disk_bytes": info.disk_bytes,
+        "blocks": info.blocks,
+        "shared_blocks": info.shared_blocks,
+        "saved": info.on_disk and not info.dirty,
+        "compatible": info.compatible,
+        "damaged": info.damaged,
+        "messages": info.messages,
+        "system_prompt": info.system_prompt,
+        "forked_from": info.forked_from,
+        "created_at": info.created_at,
+        "last_used": info.last_used,
+        "cache_reused_tokens": info.reused_tokens,
+        "cache_computed_tokens": info.computed_tokens,
+    }
+
+
+@router.get("")
+async def list_agents(request: Request) -> dict[str, Any]:
+    engine = _engine(request)
+    agents = await asyncio.to_thread(engine.list_agents)
+    data = [agent_json(a) for a in agents]
+    return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
+
+
+@router.post("", status_code=201)
+async def create_agent(body: AgentCreate, request: Request) -> JSONResponse:
+    engine = _engine(request)
+    if body.id is not None:
+        validate_agent_id(body.id)
+    info = await asyncio.to_thread(
+        engine.create_agent, body.id, display_name=body.display_name, system_prompt=body.system_prompt)
+    return JSONResponse(agent_json(info), status_code=201, headers={"x-agent-id": info.id})
+
+
+@router.get("/{agent_id}")
+async def get_agent(agent_id: str, request: Request) -> dict[str, Any]:
+    engine = _engine(request)
+    info, messages = await asyncio.to_thread(engine.get_agent, validate_agent_id(agent_id))
+    return {**agent_json(info), "history": messages}
+
+
+@router.patch("/{agent_id}")
+async def rename_agent(agent_id: str, body: AgentPatch, request: Request) -> dict[str, Any]:
+    engine = _engine(request)
+    info = await asyncio.to_thread(engine.rename_agent, validate_agent_id(agent_id), body.display_name)
+    return agent_json(info)
+
+
+@router.delete("/{agent_id}")
+async def delete_agent(agent_id: str, request: Request) -> dict[str, Any]:
+    engine = _engine(request)
+    await asyncio.to_thread(engine.delete_agent, validate_agent_id(agent_id))
+    return {"type": "agent_deleted", "id": agent_id, "deleted": True}
+
+
+async def _action(request: Request, agent_id: str, fn_name: str, *args: Any) -> dict[str, Any]:
+    engine = _engine(request)
+    fn = getattr(engine, fn_name)
+    info = await asyncio.to_thread(fn, validate_agent_id(agent_id), *args)
+    return agent_json(info)
+
+
+@router.post("/{agent_id}/save")
+async def save_agent(agent_id: str, request: Request) -> dict[str, Any]:
+    return await _action(request, agent_id, "save_agent")
+
+
+@router.post("/{agent_id}/evict")
+async def evict_agent(agent_id: str, request: Request) -> dict[str, Any]:
+    return await _action(request, agent_id, "evict_agent")
+
+
+@router.post("/{agent_id}/load")
+async def load_agent(agent_id: str, request: Request) -> dict[str, Any]:
+    return await _action(request, agent_id, "load_agent")
+
+
+@router.post("/{agent_id}/pin")
+async def pin_agent(agent_id: str, request: Request) -> dict[str, Any]:
+    return await _action(request, agent_id, "pin_agent", True)
+
+
+@router.post("/{agent_id}/unpin")
+async def unpin_agent(agent_id: str, request: Request) -> dict[str, Any]:
+    return await _action(request, agent_id, "pin_agent", False)
+
+
+@router.post("/{agent_id}/fork", status_code=201)
+async def fork_agent(agent_id: str, request: Request, body: AgentFork | None = None) -> JSONResponse:
+    engine = _engine(request)
+    body = body or AgentFork()
+    if body.id is not None:
+        validate_agent_id(body.id)
+    info = await asyncio.to_thread(engine.fork_agent, validate_agent_id(agent_id), body.id,
+                                   display_name=body.display_name)
+    return JSONResponse(agent_json(info), status_code=201, headers={"x-agent-id": info.id})

@@ -1,0 +1,299 @@
+"""The HTTP middleware stack, as plain ASGI (no per-request task or body buffering, so SSE streams
+pass straight through). Outermost first:
+
+RequestID -> access log -> metrics -> CORS -> auth -> rate limit -> body size -> handler.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from semantic_core.api.schemas import error_body
+from semantic_core.observability import RATE_LIMITED, REQUEST_DURATION, REQUESTS, REQUESTS_IN_FLIGHT, get_logger
+
+log = get_logger("semantic.http")
+
+OPEN_PATHS = ("/health/", "/metrics")
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(kind, message), status_code=status, headers=headers)
+
+
+def _is_open(path: str) -> bool:
+    return path.startswith(OPEN_PATHS[0]) or path == OPEN_PATHS[1]
+
+
+class RequestIDMiddleware:
+    """Takes X-Request-ID from the client (if sane) or makes one; binds it to the log context and
+    returns it as `request-id` and `x-request-id`, with `x-response-time` (ms to the first byte)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get("x-request-id", "")
+        request_id = given if _REQUEST_ID_RE.match(given) else f"req_{secrets.token_hex(12)}"
+        scope.setdefault("state", {})["request_id"] = request_id
+        start = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["request-id"] = request_id
+                headers["x-request-id"] = request_id
+                headers["x-response-time"] = f"{(time.perf_counter() - start) * 1000:.2f}ms"
+            await send(message)
+
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            structlog.contextvars.clear_contextvars()
+
+
+class AccessLogMiddleware:
+    """One structured line per request (probes excepted): method, path, status, duration, agent."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/health/"):
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+        agent = None
+
+        async def capture(message: Message) -> None:
+            nonlocal status, agent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                agent = Headers(raw=message.get("headers", [])).get("x-agent-id")
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            fields: dict[str, Any] = {
+                "method": scope["method"], "path": scope["path"], "status": status,
+                "duration_ms": round((time.perf_counter() - start) * 1000, 2),
+            }
+            if agent:
+                fields["agent"] = agent
+            log.info("request", **fields)
+
+
+class MetricsMiddleware:
+    """semantic_request_total and semantic_request_duration_seconds, labelled by route template."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        REQUESTS_IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            REQUESTS_IN_FLIGHT.dec()
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            REQUESTS.labels(method, path, str(status)).inc()
+            REQUEST_DURATION.labels(method, path).observe(time.perf_counter() - start)
+
+
+class AuthMiddleware:
+    """API keys from ANTHROPIC_API_KEY (comma-separated), sent as `x-api-key` or
+    `Authorization: Bearer`. Probes and /metrics stay open. Compared in constant time."""
+
+    def __init__(self, app: ASGIApp, keys: Iterable[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or _is_open(scope["path"]) or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        given = headers.get("x-api-key")
+        if given is None:
+            auth = headers.get("authorization", "")
+            if auth[:7].lower() == "bearer ":
+                given = auth[7:].strip()
+        if not given:
+            response = error_response(
+                401, "authentication_error", "missing API key: send it in the x-api-key header"
+            )
+        elif not self._valid(given.encode()):
+            response = error_response(401, "authentication_error", "invalid API key")
+        else:
+            scope.setdefault("state", {})["api_key_id"] = self._key_id(given)
+            await self.app(scope, receive, send)
+            return
+        await response(scope, receive, send)
+
+    def _valid(self, given: bytes) -> bool:
+        ok = False
+        for key in self.keys:  # no early exit: the time taken does not tell which key is close
+            ok |= hmac.compare_digest(given, key)
+        return ok
+
+    @staticmethod
+    def _key_id(key: str) -> str:
+        import hashlib
+
+        return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+class _Bucket:
+    __slots__ = ("stamp", "tokens")
+
+    def __init__(self, tokens: float, stamp: float) -> None:
+        self.tokens = tokens
+        self.stamp = stamp
+
+
+class TokenBuckets:
+    """Requests per minute as token buckets (bursts up to the per-minute limit)."""
+
+    def __init__(self, per_minute: int, max_keys: int = 10_000) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = float(per_minute)
+        self.max_keys = max_keys
+        self._buckets: dict[str, _Bucket] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str, now: float | None = None) -> float:
+        """0 if allowed, else seconds until a request would be."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                if len(self._buckets) >= self.max_keys:
+                    self._buckets.clear()  # a flood of distinct keys must not grow memory without bound
+                bucket = self._buckets[key] = _Bucket(self.capacity, now)
+            bucket.tokens = min(self.capacity, bucket.tokens + (now - bucket.stamp) * self.rate)
+            bucket.stamp = now
+            if bucket.tokens >= 1.0:
+                bucket.tokens -= 1.0
+                return 0.0
+            return (1.0 - bucket.tokens) / self.rate
+
+
+class RateLimitMiddleware:
+    """Per agent (X-Agent-ID, else the API key, else the client address) and global, per minute.
+    429 rate_limit_error with retry-after. 0 disables a limit."""
+
+    def __init__(self, app: ASGIApp, per_agent: int, global_: int) -> None:
+        self.app = app
+        self.per_agent = TokenBuckets(per_agent) if per_agent > 0 else None
+        self.global_ = TokenBuckets(global_) if global_ > 0 else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/") or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        agent = headers.get("x-agent-id")
+        state = scope.get("state", {})
+        key = f"agent:{agent}" if agent else f"key:{state.get('api_key_id')}" if state.get("api_key_id") else (
+            f"addr:{scope.get('client', ('?',))[0]}")
+        wait, scope_name = 0.0, ""
+        if self.global_ is not None:
+            wait, scope_name = self.global_.take("global"), "global"
+        if not wait and self.per_agent is not None:
+            wait, scope_name = self.per_agent.take(key), "agent"
+        if wait:
+            RATE_LIMITED.labels(scope_name).inc()
+            retry = max(1, math.ceil(wait))
+            what = "the server's" if scope_name == "global" else "this agent's"
+            response = error_response(
+                429, "rate_limit_error",
+                f"rate limit exceeded ({what} requests per minute); retry after {retry} s",
+                headers={"retry-after": str(retry)},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class BodySizeLimitMiddleware:
+    """413 request_too_large for bodies over the limit, by Content-Length or as they stream in.
+
+    Request bodies here are JSON of a few KB to MB, so the body is read up front (bounded by the
+    limit) and replayed to the handler: the check then cannot be swallowed by body parsing."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        mb = self.max_bytes / (1024 * 1024)
+        response = error_response(
+            413, "request_too_large", f"request body is larger than {mb:g} MB (SEMANTIC_SERVER_MAX_BODY_MB)"
+        )
+        await response(scope, receive, send)

@@ -1,0 +1,174 @@
+"""The Anthropic Messages API wire format (the subset a text-only local model serves).
+
+Unknown fields are tolerated (clients send newer parameters than we know); content blocks the model
+cannot use are refused by `to_chat` with a message naming the block.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from semantic_core.errors import InvalidRequest
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ContentBlock(_Lenient):
+    type: str
+    text: str | None = None
+
+
+class Message(_Lenient):
+    role: Literal["user", "assistant", "system"]
+    content: str | list[ContentBlock]
+
+
+class Metadata(_Lenient):
+    user_id: str | None = None
+
+
+class MessagesRequest(_Lenient):
+    model: str = Field(min_length=1)
+    messages: list[Message]
+    max_tokens: int = Field(ge=1)
+    system: str | list[ContentBlock] | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    stream: bool = False
+    metadata: Metadata | None = None
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _stops(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if len(value) > 16:
+                raise ValueError("at most 16 stop sequences")
+            if any(not s for s in value):
+                raise ValueError("stop sequences must not be empty")
+        return value
+
+
+class CountTokensRequest(_Lenient):
+    model: str = Field(min_length=1)
+    messages: list[Message]
+    system: str | list[ContentBlock] | None = None
+
+
+class Usage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+
+class TextBlock(BaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class MessageResponse(BaseModel):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    model: str
+    content: list[TextBlock]
+    stop_reason: str | None
+    stop_sequence: str | None
+    usage: Usage
+
+
+class ModelInfoOut(BaseModel):
+    type: Literal["model"] = "model"
+    id: str
+    display_name: str
+    created_at: str
+
+
+class ModelList(BaseModel):
+    data: list[ModelInfoOut]
+    has_more: bool = False
+    first_id: str | None
+    last_id: str | None
+
+
+class AgentCreate(_Lenient):
+    id: str | None = None
+    display_name: str | None = Field(default=None, max_length=200)
+    system_prompt: str | None = None
+
+
+class AgentPatch(_Lenient):
+    display_name: str | None = Field(default=None, max_length=200)
+
+
+class AgentFork(_Lenient):
+    id: str | None = None
+    display_name: str | None = Field(default=None, max_length=200)
+
+
+_UNUSABLE = {
+    "image": "image blocks: this model reads text only",
+    "document": "document blocks: this model reads text only",
+    "tool_use": "tool_use blocks: this server does not run tools",
+    "tool_result": "tool_result blocks: this server does not run tools",
+    "server_tool_use": "server tool blocks: this server does not run tools",
+    "web_search_tool_result": "web search results: this server does not run tools",
+}
+_IGNORABLE = {"thinking", "redacted_thinking"}
+
+
+def _text_of(content: str | list[ContentBlock], where: str) -> str:
+    if isinstance(content, str):
+        return content
+    parts = []
+    for i, block in enumerate(content):
+        if block.type == "text":
+            if block.text is None:
+                raise InvalidRequest(f"{where}.content.{i}.text: a text block needs a text field")
+            parts.append(block.text)
+        elif block.type in _IGNORABLE:
+            continue
+        elif block.type in _UNUSABLE:
+            raise InvalidRequest(f"{where}.content.{i}: {_UNUSABLE[block.type]}")
+        else:
+            raise InvalidRequest(f"{where}.content.{i}.type: unsupported content block type {block.type!r}")
+    return "\n".join(parts)
+
+
+def to_chat(
+    messages: list[Message], system: str | list[ContentBlock] | None
+) -> tuple[list[dict[str, str]], str | None]:
+    """Flatten to [{"role", "content"}] for the chat template, and the system prompt.
+
+    `role: "system"` entries inside `messages` (as newer clients send them) join the system prompt.
+    """
+    if not messages:
+        raise InvalidRequest("messages: at least one message is required")
+    system_parts: list[str] = []
+    if system is not None:
+        text = _text_of(system, "system") if not isinstance(system, str) else system
+        if text:
+            system_parts.append(text)
+    chat: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        text = _text_of(m.content, f"messages.{i}")
+        if m.role == "system":
+            if text:
+                system_parts.append(text)
+            continue
+        chat.append({"role": m.role, "content": text})
+    if not chat:
+        raise InvalidRequest("messages: at least one user or assistant message is required")
+    if chat[0]["role"] != "user":
+        raise InvalidRequest("messages.0.role: the first message must be from the user")
+    return chat, ("\n\n".join(system_parts) if system_parts else None)
+
+
+def error_body(kind: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": kind, "message": message}}

@@ -1,0 +1,67 @@
+"""Running the API with uvicorn: `semantic serve` (headless) and the TUI's embedded server.
+
+Graceful shutdown on SIGTERM/SIGINT (uvicorn's own handling): stop accepting, let in-flight requests
+and streams finish for up to SEMANTIC_SERVER_DRAIN_SECONDS, then the app's lifespan stops the
+engine, which saves every hot agent. A second start lists them all again (cold, on disk).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import uvicorn
+
+from semantic_core.api.app import create_app
+from semantic_core.config import Settings, load_settings
+from semantic_core.engine.engine import Engine
+from semantic_core.observability import configure_logging
+
+
+def uvicorn_config(app: object, settings: Settings, **overrides: object) -> uvicorn.Config:
+    options: dict[str, object] = {
+        "host": settings.server_host,
+        "port": settings.server_port,
+        "log_config": None,  # structlog owns the handlers (configure_logging)
+        "access_log": False,  # AccessLogMiddleware writes one structured line per request
+        "timeout_graceful_shutdown": max(1, int(settings.server_drain_seconds)),
+        "lifespan": "on",
+        "server_header": False,
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)  # type: ignore[arg-type]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    if port == 0:
+        return False
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process would end with
+    status 143/130. A drained, saved shutdown is a success: exit 0."""
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+        self._captured_signals.clear()
+
+
+def serve(settings: Settings) -> None:
+    configure_logging(settings.server_log_level)
+    engine = Engine(settings)
+    app = create_app(engine, settings, owns_engine=True)
+    server = GracefulServer(uvicorn_config(app, settings))
+    server.run()
+
+
+def reload_factory() -> object:
+    """App factory for `semantic serve --reload` (uvicorn re-imports it in its worker)."""
+    settings = load_settings()
+    configure_logging(settings.server_log_level)
+    return create_app(Engine(settings), settings, owns_engine=True)
