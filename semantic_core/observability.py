@@ -81,10 +81,14 @@ LOAD_SECONDS = Histogram(
 READY = Gauge("semantic_ready", "1 when the engine can serve.", registry=REGISTRY)
 
 
-def configure_logging(level: str = "INFO", stream: TextIO | None = None, *, json: bool | None = None) -> None:
+def configure_logging(
+    level: str = "INFO", stream: TextIO | None = None, *, json: bool | None = None,
+    handler: logging.Handler | None = None,
+) -> None:
     """Route stdlib logging (uvicorn included) and structlog through one renderer.
 
-    PRODUCTION means JSON lines at INFO; anything else is a console renderer at that level.
+    PRODUCTION means JSON lines at INFO; anything else is a console renderer at that level. A UI
+    passes its own `handler` so that no log line is ever written over its screen.
     """
     json = (level.upper() == "PRODUCTION") if json is None else json
     numeric = logging.INFO if level.upper() == "PRODUCTION" else getattr(logging, level.upper(), logging.INFO)
@@ -107,7 +111,7 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None, *, json
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = handler or logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for h in list(root.handlers):

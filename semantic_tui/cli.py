@@ -212,6 +212,22 @@ class _progress:
         self.bar.stop()
 
 
+# tui -----------------------------------------------------------------------------------------------
+
+
+@app.command()
+def tui(
+    no_server: Annotated[bool, typer.Option("--no-server", help="Do not serve the HTTP API.")] = False,
+    host: Annotated[str | None, typer.Option(help="API bind address (SEMANTIC_SERVER_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="API port (SEMANTIC_SERVER_PORT).")] = None,
+) -> None:
+    """The workstation: agents, streaming chat, live pool and cache gauges, and the API in-process."""
+    from semantic_tui.app import SemanticApp
+
+    settings = _settings(server_host=host, server_port=port)
+    SemanticApp(settings, serve_api=not no_server).run()
+
+
 # serve ---------------------------------------------------------------------------------------------
 
 

@@ -28,11 +28,13 @@ admitted past it meanwhile.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import itertools
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
@@ -90,6 +92,16 @@ from semantic_core.observability import (
 
 log = get_logger("semantic.engine")
 T = TypeVar("T")
+_RUNNING: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_engines_at_exit() -> None:
+    """An engine still running at exit is stopped (and its hot agents saved) before the interpreter
+    tears threads down: a thread inside MLX at that moment would abort the process."""
+    for engine in list(_RUNNING):
+        with contextlib.suppress(Exception):
+            engine.stop()
 _DONE = object()
 
 
@@ -225,6 +237,8 @@ class AgentInfo:
     reused_tokens: int
     computed_tokens: int
     save_error: str | None
+    temperature: float | None = None  # the agent's sampling defaults (None: the caller's)
+    max_tokens: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -334,6 +348,7 @@ class Engine:
         """Load the model (on the generation thread) and start serving. Raises what loading raised."""
         if self._thread is not None:
             return self
+        _RUNNING.add(self)
         self._thread = threading.Thread(target=_thread_main, args=([self],), name="semantic-engine", daemon=True)
         self._thread.start()
         if not self._started.wait(timeout):
@@ -1280,6 +1295,7 @@ class Engine:
             messages=len(agent.record.messages), system_prompt=agent.record.system_prompt,
             forked_from=agent.record.forked_from, reused_tokens=agent.reused_tokens,
             computed_tokens=agent.computed_tokens, save_error=agent.save_error,
+            temperature=agent.record.sampling.temperature, max_tokens=agent.record.sampling.max_tokens,
         )
 
     def _running_tokens(self, agent_id: str) -> int:

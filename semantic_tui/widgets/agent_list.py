@@ -1,0 +1,82 @@
+"""The agent list: name, tier, tokens, size, last used. Agents created over HTTP appear live."""
+
+from __future__ import annotations
+
+from textual.message import Message
+from textual.widgets import DataTable
+
+from semantic_core.engine.engine import AgentInfo
+from semantic_tui.formatting import ago, human_bytes, tier_label
+
+
+class AgentList(DataTable):
+    HELP = """\
+## Agents
+
+Every agent is a conversation with its own KV cache.
+
+- **hot**: its cache is in memory (counted by the block pool)
+- **pinned**: hot, and never evicted
+- **cold**: saved on disk; it is loaded back when you chat with it
+- **busy**: generating now
+
+`Enter` opens the selected agent. `n` new, `r` rename, `s` save, `e` evict,
+`p` pin/unpin, `f` fork, `Delete` delete, `x` export to Markdown.
+"""
+
+    class Selected(Message):
+        def __init__(self, agent_id: str) -> None:
+            super().__init__()
+            self.agent_id = agent_id
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self._rows: tuple = ()
+
+    def on_mount(self) -> None:
+        self.add_column("agent", key="agent")
+        self.add_column("tier", key="tier")
+        self.add_column("tokens", key="tokens")
+        self.add_column("size", key="size")
+        self.add_column("used", key="used")
+
+    @property
+    def selected_id(self) -> str | None:
+        if self.row_count == 0:
+            return None
+        try:
+            return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
+        except Exception:
+            return None
+
+    def update_agents(self, agents: tuple[AgentInfo, ...], current: str | None) -> None:
+        rows = tuple(sorted(agents, key=lambda a: -a.last_used))
+        fingerprint = tuple((a.id, a.name, a.tier, a.pinned, a.running, a.tokens, a.disk_bytes,
+                             int(a.last_used) // 60) for a in rows)
+        if fingerprint == self._rows:
+            return
+        self._rows = fingerprint
+        keep = self.selected_id or current
+        self.clear()
+        for a in rows:
+            size = human_bytes(a.kv_bytes if a.tier == "hot" else a.disk_bytes)
+            name = f"[b]{a.name}[/]" if a.id == current else a.name
+            self.add_row(name, tier_label(a.tier, a.pinned, a.running), str(a.tokens), size, ago(a.last_used),
+                         key=a.id)
+        if keep is not None:
+            for index, a in enumerate(rows):
+                if a.id == keep:
+                    self.move_cursor(row=index, animate=False)
+                    break
+
+    def select(self, agent_id: str) -> None:
+        """Put the cursor on `agent_id` (when the app opens an agent by other means)."""
+        for index in range(self.row_count):
+            if self.coordinate_to_cell_key((index, 0)).row_key.value == agent_id:
+                self.move_cursor(row=index, animate=False)
+                return
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        if event.row_key.value is not None:
+            self.post_message(self.Selected(event.row_key.value))

@@ -1,0 +1,87 @@
+"""The conversation: Markdown messages, streamed as tokens arrive, with timings under each answer."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.widgets import Label, Markdown, ProgressBar, Static
+
+from semantic_core.engine.types import GenerationResult
+
+
+class ChatMessage(Vertical):
+    def __init__(self, role: str, text: str = "", *, note: str = "") -> None:
+        super().__init__(classes=f"message {role}")
+        self.role = role
+        self.text = text
+        self.note = note
+
+    def compose(self) -> ComposeResult:
+        yield Label(self.role, classes="role")
+        yield Markdown(self.text, classes="content")
+        if self.role == "assistant":
+            yield ProgressBar(total=1, show_eta=False, classes="prefill hidden")
+            yield Static(self.note, classes="stats")
+
+    @property
+    def markdown(self) -> Markdown:
+        return self.query_one(Markdown)
+
+    def show_prefill(self, done: int, total: int) -> None:
+        bar = self.query_one(ProgressBar)
+        bar.remove_class("hidden")
+        bar.update(total=total, progress=done)
+        self.query_one(".stats", Static).update(f"reading the prompt: {done}/{total} tokens")
+
+    def finish(self, result: GenerationResult) -> None:
+        self.query_one(ProgressBar).add_class("hidden")
+        self.query_one(".stats", Static).update(describe(result))
+
+
+def describe(result: GenerationResult) -> str:
+    u = result.usage
+    parts = []
+    if result.time_to_first_token is not None:
+        parts.append(f"ttft {result.time_to_first_token:.2f} s")
+    if result.decode_tokens_per_second:
+        parts.append(f"{result.decode_tokens_per_second:.1f} tok/s")
+    parts.append(f"{u.output_tokens} tokens")
+    parts.append(f"prompt {u.prompt_tokens} ({u.cached_tokens} cached)")
+    if result.stop_reason != "end_turn":
+        reason = result.stop_reason.replace("_", " ")
+        parts.append(f"[yellow]{reason}{': ' + repr(result.stop_sequence) if result.stop_sequence else ''}[/]")
+    return " · ".join(parts)
+
+
+class ChatView(VerticalScroll):
+    HELP = """\
+## Conversation
+
+The selected agent's conversation. Answers stream in as they are generated; under each one:
+time to first token, decode speed, tokens, and how much of the prompt came from the cache.
+
+`Esc` stops the answer being generated (what was generated is kept).
+"""
+
+    def on_mount(self) -> None:
+        self.anchor()  # follow new text, until the user scrolls up
+
+    async def show_history(self, messages: list[dict], empty_note: str = "") -> None:
+        await self.remove_children()
+        if not messages:
+            await self.mount(Static(empty_note, classes="empty-note"))
+            return
+        widgets = []
+        for m in messages:
+            note = "[yellow]stopped[/]" if m.get("cancelled") else ""
+            widgets.append(ChatMessage(m.get("role", "user"), m.get("content", ""), note=note))
+        await self.mount_all(widgets)
+        self.scroll_end(animate=False)
+
+    async def add(self, role: str, text: str = "") -> ChatMessage:
+        for note in self.query(".empty-note"):
+            await note.remove()
+        message = ChatMessage(role, text)
+        await self.mount(message)
+        self.scroll_end(animate=False)
+        return message
