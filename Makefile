@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup model lint serve clean bench
+.PHONY: run test setup model lint tools serve clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,21 @@ run: model
 serve: model
 	$(BIN)/semantic serve
 
+# promtool checks and unit-tests the Prometheus alert rules (tests skip without it). As root with
+# apt-get (CI, containers) it is installed from the distribution's `prometheus` package.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1)) || \
+	    echo "promtool could not be installed: its tests will be skipped"; \
+	  else echo "promtool not found: its tests will be skipped (install the prometheus package)"; fi; }
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: model lint
+test: model lint tools
 	$(BIN)/pytest -q
 
 bench: model

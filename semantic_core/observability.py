@@ -78,7 +78,29 @@ LOAD_SECONDS = Histogram(
     "semantic_agent_load_seconds", "Time to read and verify one agent from disk.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=REGISTRY,
 )
-READY = Gauge("semantic_ready", "1 when the engine can serve.", registry=REGISTRY)
+READY = Gauge("semantic_ready", "1 when the engine can serve (model loaded, pool not stuck full).",
+              registry=REGISTRY)
+
+# Labelled series exist from the start (at 0), so rate() and increase() see their first event.
+for _phase in ("prefill", "decode", "reused"):
+    TOKENS.labels(_phase)
+    TOKENS_PER_SECOND.labels(_phase)
+for _result in ("hit", "miss"):
+    CACHE_HITS.labels(_result)
+for _reason in ("pool", "max_agents", "manual", "preempt"):
+    EVICTIONS.labels(_reason)
+for _result in ("ok", "error"):
+    SAVES.labels(_result)
+for _result in ("ok", "error", "mismatch"):
+    LOADS.labels(_result)
+for _scope in ("agent", "global"):
+    RATE_LIMITED.labels(_scope)
+for _reason in ("end_turn", "max_tokens", "stop_sequence", "cancelled"):
+    GENERATIONS.labels(_reason)
+for _tier in ("hot", "cold", "damaged"):
+    AGENTS.labels(_tier)
+for _state in ("used", "free", "shared"):
+    POOL_BLOCKS.labels(_state)
 
 
 def configure_logging(

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
@@ -260,7 +261,7 @@ class SemanticApp(App[None]):
             return
         where = "in memory" if info.tier == "hot" else "on disk; it is loaded when you send a message" \
             if info.tier == "cold" else info.tier
-        note = f"**{info.name}** has no messages yet ({where})." if not history else ""
+        note = f"[b]{escape(info.name)}[/b] has no messages yet ({where})." if not history else ""
         self.title = f"semantic · {info.name}"
         await self.query_one(ChatView).show_history(history, note)
         self.refresh_gauges()

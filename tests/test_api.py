@@ -284,3 +284,21 @@ def test_client_disconnect_cancels_generation(api):
     assert snap.running == 0
     info = next(a for a in snap.agents if a.id == "leaver")
     assert 0 < info.tokens < 5000
+
+
+def test_a_named_agents_own_system_prompt_applies_when_the_request_gives_none(client, api):
+    httpx.post(f"{api.url}/v1/agents", json={"id": "poet", "system_prompt": "You answer in rhyme. " * 5})
+    with_agent = client.messages.create(model=MODEL, max_tokens=1, messages=user("hi"), extra_body=T0,
+                                        extra_headers={"x-agent-id": "poet"})
+    plain = client.messages.create(model=MODEL, max_tokens=1, messages=user("hi"), extra_body=T0,
+                                   extra_headers={"x-agent-id": "prose"})
+    total = with_agent.usage.input_tokens + with_agent.usage.cache_read_input_tokens
+    assert total > plain.usage.input_tokens + 20
+    assert client.models.retrieve("claude-local-test").id == MODEL  # aliases resolve like in /v1/messages
+
+
+def test_labelled_counters_exist_before_their_first_event(api):
+    text = httpx.get(f"{api.url}/metrics").text
+    assert 'semantic_agent_saves_total{result="error"} 0.0' in text
+    assert 'semantic_evictions_total{reason="preempt"} 0.0' in text
+    assert "semantic_ready 1.0" in text

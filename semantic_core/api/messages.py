@@ -61,6 +61,14 @@ def _engine(request: Request) -> Engine:
     return engine
 
 
+def _stored_system_prompt(engine: Engine, agent_id: str) -> str | None:
+    """A named agent's own system prompt (set when it was created) applies when a request gives none."""
+    for agent in engine.snapshot().agents:
+        if agent.id == agent_id:
+            return agent.system_prompt
+    return None
+
+
 def _usage(prompt: int, cached: int, output: int) -> dict[str, int]:
     # Every computed prompt token is cached for the next turn; `input_tokens` counts what was
     # computed, `cache_read_input_tokens` what was reused: together, the whole prompt.
@@ -77,6 +85,8 @@ async def create_message(
     engine = _engine(request)
     check_model(engine, body.model)
     chat, system = to_chat(body.messages, body.system)
+    if system is None and x_agent_id:
+        system = _stored_system_prompt(engine, x_agent_id)
     rendered = await asyncio.to_thread(engine.render, chat, system)
     gen = GenerationRequest(
         tokens=rendered.tokens,

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from semantic_core.api.messages import check_model
 from semantic_core.api.schemas import ModelInfoOut, ModelList
 from semantic_core.engine.engine import Engine
-from semantic_core.errors import EngineStopped, ModelNotFound
+from semantic_core.errors import EngineStopped
 from semantic_core.observability import REGISTRY
 
 router = APIRouter()
@@ -72,6 +73,5 @@ async def list_models(request: Request) -> dict[str, Any]:
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     engine: Engine = request.app.state.engine
     model = _model_out(engine)
-    if model_id not in (model.id, "default"):
-        raise ModelNotFound(f"model {model_id!r} is not served here; this server serves {model.id!r}")
+    check_model(engine, model_id)  # aliases (claude-*) name the served model, as in /v1/messages
     return model.model_dump()

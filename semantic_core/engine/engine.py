@@ -359,7 +359,8 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return self._started.is_set() and self._start_error is None and not self._stopping
+        return (self._started.is_set() and self._start_error is None and not self._stopping
+                and not self._stopped.is_set())
 
     @property
     def started(self) -> bool:
@@ -492,13 +493,13 @@ class Engine:
             self._stopped.set()
             return
         self._started.set()
-        READY.set(1)
         try:
             self._loop()
         except BaseException as exc:  # pragma: no cover - a bug; fail every waiter loudly
             log.exception("engine loop crashed")
             self._fail_everything(exc)
         finally:
+            READY.set(0)
             self._gen = None
             # Work queued with async_eval must finish before this thread ends, or MLX's stream
             # threads are torn down at exit with work in flight (a C++ terminate).
@@ -1016,11 +1017,6 @@ class Engine:
         agent.running = False
         self.store.set_tokens(agent, tokens, cache)
         self.memory.shrink(agent, len(tokens))
-        text = "".join(seq.text_parts)
-        self._record_turn(seq, text, reason)
-        self._release_claim(seq)
-        if self.settings.agent_save_on_finish:
-            self._save_quietly(agent)
         now = time.monotonic()
         ttft = (seq.first_token_at - seq.submitted) if seq.first_token_at else None
         decode_seconds = (now - seq.first_token_at) if seq.first_token_at else 0.0
@@ -1031,29 +1027,40 @@ class Engine:
             output_tokens=len(seq.generated),
         )
         result = GenerationResult(
-            agent_id=agent.id, text=text, token_ids=list(seq.generated), stop_reason=reason,
+            agent_id=agent.id, text="".join(seq.text_parts), token_ids=list(seq.generated), stop_reason=reason,
             stop_sequence=stop, usage=usage, time_to_first_token=ttft,
             prefill_seconds=seq.prefill_seconds, decode_seconds=decode_seconds,
             queued_seconds=(seq.admitted or now) - seq.submitted,
         )
+        self._record_turn(seq, result)
+        self._release_claim(seq)
+        if self.settings.agent_save_on_finish:
+            self._save_quietly(agent)
         GENERATIONS.labels(reason).inc()
         seq.phase = "done"
         self._snapshot_dirty = True
         seq.handle._push(Finished(result))
 
-    def _record_turn(self, seq: _Seq, text: str, reason: StopReason) -> None:
+    def _record_turn(self, seq: _Seq, result: GenerationResult) -> None:
         agent = seq.agent
         assert agent is not None
         req = seq.request
         if req.messages is not None:
             messages = [dict(m) for m in req.messages]
-            answer = req.continues_text + text
+            answer: dict[str, Any] = {"role": "assistant", "content": req.continues_text + result.text}
             if messages and messages[-1].get("role") == "assistant":
-                messages[-1] = {"role": "assistant", "content": answer}
+                messages[-1] = answer
             else:
-                messages.append({"role": "assistant", "content": answer})
-            if reason == "cancelled":
-                messages[-1]["cancelled"] = True
+                messages.append(answer)
+            # How the answer was made, so a UI can show it again after a restart.
+            answer["meta"] = {
+                "stop_reason": result.stop_reason, "output_tokens": result.usage.output_tokens,
+                "prompt_tokens": result.usage.prompt_tokens, "cached_tokens": result.usage.cached_tokens,
+                "ttft": round(result.time_to_first_token, 4) if result.time_to_first_token else None,
+                "decode_tps": round(result.decode_tokens_per_second, 2),
+            }
+            if result.stop_reason == "cancelled":
+                answer["cancelled"] = True
             agent.record.messages = messages
         if req.system_prompt is not None:
             agent.record.system_prompt = req.system_prompt
@@ -1346,6 +1353,7 @@ class Engine:
         for tier in ("hot", "cold", "damaged"):
             AGENTS.labels(tier).set(sum(1 for a in agents if a.tier == tier))
         AGENTS_ACTIVE.set(len(self._active_agents))
+        READY.set(1 if snap.can_serve and not self._stopping else 0)
         BATCH_SIZE.set(len(self._decoding))
         QUEUE_DEPTH.set(len(self._waiting))
         TOKENS_PER_SECOND.labels("prefill").set(prefill_tps)

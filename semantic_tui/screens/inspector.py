@@ -22,18 +22,28 @@ def colour_for(agent_id: str, order: list[str]) -> str:
 
 
 class BlockMap(Static):
+    MAX_ROWS = 12
+
     def show(self, snap: EngineSnapshot, width: int) -> None:
         order = [a.id for a in snap.agents]
         text = Text()
         per_line = max(8, width - 4)
-        for i, owners in enumerate(snap.block_map):
+        last_used = max((i for i, owners in enumerate(snap.block_map) if owners), default=-1)
+        # Large pools: draw the used part (and a row of free blocks), not thousands of free cells.
+        shown = min(len(snap.block_map), max(per_line, -(-(last_used + 1) // per_line) * per_line + per_line),
+                    self.MAX_ROWS * per_line)
+        for i, owners in enumerate(snap.block_map[:shown]):
             if owners:
                 char = "▓" if len(owners) > 1 else "█"
                 text.append(char, style=colour_for(owners[0], order))
             else:
                 text.append("·", style="#444444")
-            if (i + 1) % per_line == 0:
+            if (i + 1) % per_line == 0 and i + 1 < shown:
                 text.append("\n")
+        hidden = len(snap.block_map) - shown
+        hidden_used = sum(1 for owners in snap.block_map[shown:] if owners)
+        if hidden:
+            text.append(f"\n… {hidden:,} more blocks ({hidden_used:,} in use)", style="dim")
         text.append(f"\n█ one agent  ▓ shared prefix  · free   ({snap.block_tokens} tokens per block, "
                     f"{snap.bytes_per_block / 1e6:.2f} MB)", style="dim")
         self.update(text)

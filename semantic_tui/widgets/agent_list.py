@@ -51,8 +51,8 @@ Every agent is a conversation with its own KV cache.
 
     def update_agents(self, agents: tuple[AgentInfo, ...], current: str | None) -> None:
         rows = tuple(sorted(agents, key=lambda a: -a.last_used))
-        fingerprint = tuple((a.id, a.name, a.tier, a.pinned, a.running, a.tokens, a.disk_bytes,
-                             int(a.last_used) // 60) for a in rows)
+        fingerprint = (current, *((a.id, a.name, a.tier, a.pinned, a.running, a.tokens, a.disk_bytes,
+                                   int(a.last_used) // 60) for a in rows))
         if fingerprint == self._rows:
             return
         self._rows = fingerprint

@@ -40,17 +40,31 @@ class ChatMessage(Vertical):
 
 def describe(result: GenerationResult) -> str:
     u = result.usage
+    return stats_line(result.time_to_first_token, result.decode_tokens_per_second, u.output_tokens,
+                      u.prompt_tokens, u.cached_tokens, result.stop_reason, result.stop_sequence)
+
+
+def stats_line(ttft: float | None, tps: float | None, output: int, prompt: int, cached: int, stop_reason: str,
+               stop_sequence: str | None = None) -> str:
     parts = []
-    if result.time_to_first_token is not None:
-        parts.append(f"ttft {result.time_to_first_token:.2f} s")
-    if result.decode_tokens_per_second:
-        parts.append(f"{result.decode_tokens_per_second:.1f} tok/s")
-    parts.append(f"{u.output_tokens} tokens")
-    parts.append(f"prompt {u.prompt_tokens} ({u.cached_tokens} cached)")
-    if result.stop_reason != "end_turn":
-        reason = result.stop_reason.replace("_", " ")
-        parts.append(f"[yellow]{reason}{': ' + repr(result.stop_sequence) if result.stop_sequence else ''}[/]")
+    if ttft is not None:
+        parts.append(f"ttft {ttft:.2f} s")
+    if tps:
+        parts.append(f"{tps:.1f} tok/s")
+    parts.append(f"{output} tokens")
+    parts.append(f"prompt {prompt} ({cached} cached)")
+    if stop_reason != "end_turn":
+        reason = stop_reason.replace("_", " ")
+        parts.append(f"[yellow]{reason}{': ' + repr(stop_sequence) if stop_sequence else ''}[/]")
     return " · ".join(parts)
+
+
+def note_for(message: dict) -> str:
+    meta = message.get("meta") or {}
+    if not meta:
+        return "[yellow]cancelled[/]" if message.get("cancelled") else ""
+    return stats_line(meta.get("ttft"), meta.get("decode_tps"), meta.get("output_tokens", 0),
+                      meta.get("prompt_tokens", 0), meta.get("cached_tokens", 0), meta.get("stop_reason", "end_turn"))
 
 
 class ChatView(VerticalScroll):
@@ -73,8 +87,7 @@ time to first token, decode speed, tokens, and how much of the prompt came from 
             return
         widgets = []
         for m in messages:
-            note = "[yellow]stopped[/]" if m.get("cancelled") else ""
-            widgets.append(ChatMessage(m.get("role", "user"), m.get("content", ""), note=note))
+            widgets.append(ChatMessage(m.get("role", "user"), m.get("content", ""), note=note_for(m)))
         await self.mount_all(widgets)
         self.scroll_end(animate=False)
 
