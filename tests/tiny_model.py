@@ -51,7 +51,7 @@ def build_tokenizer(out: Path, vocab_size: int = 384) -> None:
     }))
 
 
-def build_tiny_model(out: Path, *, seed: int = 0, layers: int = 4, hidden: int = 64) -> Path:
+def build_tiny_model(out: Path, *, seed: int = 0, layers: int = 4, hidden: int = 64, context: int = 8192) -> Path:
     import mlx.core as mx
 
     out.mkdir(parents=True, exist_ok=True)
@@ -85,6 +85,6 @@ def build_tiny_model(out: Path, *, seed: int = 0, layers: int = 4, hidden: int =
         "model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
         "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
         "head_dim": head_dim, "rms_norm_eps": 1e-5, "vocab_size": vocab_size, "rope_theta": 10000.0,
-        "max_position_embeddings": 8192, "tie_word_embeddings": True, "eos_token_id": 2,
+        "max_position_embeddings": context, "tie_word_embeddings": True, "eos_token_id": 2,
     }))
     return out

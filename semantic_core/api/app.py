@@ -24,6 +24,7 @@ from semantic_core.api.middleware import (
     RateLimitMiddleware,
     RequestIDMiddleware,
 )
+from semantic_core.api.schemas import ERROR_RESPONSES
 from semantic_core.config import Settings
 from semantic_core.engine.engine import Engine
 from semantic_core.observability import get_logger
@@ -56,8 +57,8 @@ def create_app(engine: Engine, settings: Settings, *, owns_engine: bool = False)
     app.state.engine = engine
     app.state.settings = settings
     errors.install(app)
-    app.include_router(messages.router, tags=["messages"])
-    app.include_router(agents.router)
+    app.include_router(messages.router, tags=["messages"], responses=ERROR_RESPONSES)
+    app.include_router(agents.router, responses=ERROR_RESPONSES)
     app.include_router(probes.router, tags=["probes"])
 
     # Added innermost first: the request passes RequestID first and the body limit last.

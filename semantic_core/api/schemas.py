@@ -170,5 +170,26 @@ def to_chat(
     return chat, ("\n\n".join(system_parts) if system_parts else None)
 
 
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    type: Literal["error"] = "error"
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "invalid_request_error: validation, malformed JSON, bad content"},
+    401: {"model": ErrorResponse, "description": "authentication_error: missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "not_found_error: unknown model, agent or endpoint"},
+    413: {"model": ErrorResponse, "description": "request_too_large"},
+    429: {"model": ErrorResponse, "description": "rate_limit_error (see the retry-after header)"},
+    500: {"model": ErrorResponse, "description": "api_error"},
+    529: {"model": ErrorResponse, "description": "overloaded_error: queue full, model loading, KV pool full"},
+}
+
+
 def error_body(kind: str, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": message}}

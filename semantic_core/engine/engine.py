@@ -627,7 +627,10 @@ class Engine:
         if not agent.hot:
             if agent.on_disk and agent.tokens:
                 return self._start_load(seq, agent)
-            self.memory.make_hot_slot(protect | {agent.id})
+            try:
+                self.memory.make_hot_slot(protect | {agent.id})
+            except PoolExhausted:
+                return self._blocked(agent)
             agent.tokens = []
             agent.cache = self._new_cache()
             agent.changed()
@@ -649,14 +652,16 @@ class Engine:
             self.memory.ensure(agent, need_tokens, protect=keep)
             self.memory.unshare(agent, protect=keep)
         except PoolExhausted:
-            return self._blocked()
+            return self._blocked(agent)
         seq.cached = reuse
         return "ready"
 
-    def _blocked(self) -> str:
-        """Memory is short now. Waiting helps only if something running will finish."""
+    def _blocked(self, waiting: Agent | None = None) -> str:
+        """Memory is short now. Waiting helps only if something running will finish (the waiting
+        request's own agent does not count as something to evict)."""
         assert self.memory is not None
-        if not self._decoding and not self._prefilling and not self.memory.evictable():
+        exclude = {waiting.id} if waiting is not None else set()
+        if not self._decoding and not self._prefilling and not self.memory.evictable(exclude):
             raise PoolExhausted(
                 "the KV pool is full of pinned agents and nothing can be evicted; unpin or evict an agent, "
                 "or raise SEMANTIC_MLX_CACHE_BUDGET_MB"
@@ -756,7 +761,7 @@ class Engine:
                 self.memory.ensure(target, tokens, protect=protect)
             except PoolExhausted:
                 self.memory.release(target)
-                return self._blocked()
+                return self._blocked(target)
         seq.load_future = seq.load_target = None
         seq.phase = "waiting"
         try:
