@@ -135,6 +135,7 @@ class BlockPool:
                     shared += 1
         return own, shared
 
-    def block_map(self) -> list[list[str]]:
-        """Owners of every block, by block id (empty list = free), for the pool inspector."""
-        return [sorted(self._refs[b]) if b in self._refs else [] for b in range(self.capacity)]
+    def block_map(self) -> dict[int, tuple[str, ...]]:
+        """Owners of every block in use, by block id (absent = free), for the pool inspector.
+        Costs O(blocks in use), not O(capacity): large pools are mostly free."""
+        return {b: tuple(sorted(refs)) for b, refs in self._refs.items()}

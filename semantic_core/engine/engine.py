@@ -72,6 +72,7 @@ from semantic_core.errors import (
     PromptTooLong,
     QueueFull,
     SemanticError,
+    StorageError,
 )
 from semantic_core.model.loader import LoadedModel, ModelInfo
 from semantic_core.observability import (
@@ -271,7 +272,7 @@ class EngineSnapshot:
     disk_bytes: int
     requests_total: int
     can_serve: bool = True  # False: the pool is full and nothing can be evicted
-    block_map: tuple[tuple[str, ...], ...] = ()
+    block_map: dict[int, tuple[str, ...]] = field(default_factory=dict)  # used blocks only
 
     @property
     def utilization(self) -> float:
@@ -963,7 +964,14 @@ class Engine:
         agent.running = False
         self.store.set_tokens(agent, tokens, cache)
         log.info("preempting a sequence to free KV blocks", agent=agent.id, tokens=len(tokens))
-        self.memory.evict(agent, reason="preempt")
+        try:
+            self.memory.evict(agent, reason="preempt")
+        except StorageError as exc:
+            # It cannot be parked on disk: end its answer here rather than lose what it has.
+            log.error("could not preempt a sequence; stopping it early", agent=agent.id, error=str(exc))
+            agent.running = True  # _finish expects a running agent
+            self._finish(seq, "max_tokens", None, cache, tokens)
+            return
         seq.preempted = True
         seq.phase = "waiting"
         # Resume: the cache holds every token so far; the last one is fed again for its logits.
@@ -1348,7 +1356,7 @@ class Engine:
             saves=self.store.saves_total, loads=self.store.loads_total, quarantined=self.store.quarantined_total,
             disk_bytes=self.store.disk_bytes(), requests_total=self.requests_total,
             can_serve=self.memory.can_serve(),
-            block_map=tuple(tuple(o) for o in self.pool.block_map()),
+            block_map=self.pool.block_map(),
         )
         self._snapshot = snap
         POOL_UTILIZATION.set(snap.utilization)

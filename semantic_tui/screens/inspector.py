@@ -28,11 +28,13 @@ class BlockMap(Static):
         order = [a.id for a in snap.agents]
         text = Text()
         per_line = max(8, width - 4)
-        last_used = max((i for i, owners in enumerate(snap.block_map) if owners), default=-1)
+        used = snap.block_map
+        last_used = max(used, default=-1)
         # Large pools: draw the used part (and a row of free blocks), not thousands of free cells.
-        shown = min(len(snap.block_map), max(per_line, -(-(last_used + 1) // per_line) * per_line + per_line),
+        shown = min(snap.pool_capacity, max(per_line, -(-(last_used + 1) // per_line) * per_line + per_line),
                     self.MAX_ROWS * per_line)
-        for i, owners in enumerate(snap.block_map[:shown]):
+        for i in range(shown):
+            owners = used.get(i)
             if owners:
                 char = "▓" if len(owners) > 1 else "█"
                 text.append(char, style=colour_for(owners[0], order))
@@ -40,8 +42,8 @@ class BlockMap(Static):
                 text.append("·", style="#444444")
             if (i + 1) % per_line == 0 and i + 1 < shown:
                 text.append("\n")
-        hidden = len(snap.block_map) - shown
-        hidden_used = sum(1 for owners in snap.block_map[shown:] if owners)
+        hidden = snap.pool_capacity - shown
+        hidden_used = sum(1 for b in used if b >= shown)
         if hidden:
             text.append(f"\n… {hidden:,} more blocks ({hidden_used:,} in use)", style="dim")
         text.append(f"\n█ one agent  ▓ shared prefix  · free   ({snap.block_tokens} tokens per block, "
