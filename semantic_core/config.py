@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     mlx_blas: BlasChoice = Field(
         "auto", description="CPU BLAS: auto (OpenBLAS, else MKL, else reference), openblas, mkl, reference."
     )
+    mlx_blas_decode_threads: int = Field(
+        1, ge=0, description="CPU BLAS threads during decode steps (0: leave the BLAS's default)."
+    )
+    mlx_blas_prefill_threads: int = Field(
+        0, ge=0, description="CPU BLAS threads during prefill (0: one per core)."
+    )
     model_dir: Path = Field(
         default_factory=lambda: cache_root() / "models",
         description="Where fetched and converted models are kept.",

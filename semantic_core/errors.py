@@ -107,10 +107,3 @@ class EngineStopped(SemanticError):
 
     def __init__(self, message: str = "the engine is shutting down") -> None:
         super().__init__(message)
-
-
-class GenerationCancelled(SemanticError):
-    kind = "api_error"
-
-    def __init__(self, message: str = "generation was cancelled") -> None:
-        super().__init__(message)

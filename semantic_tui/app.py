@@ -22,7 +22,8 @@ from textual.widgets import Footer, Header
 
 from semantic_core.agents.record import Sampling
 from semantic_core.config import Settings
-from semantic_core.engine.engine import Engine, RequestHandle
+from semantic_core.engine.engine import Engine
+from semantic_core.engine.handle import RequestHandle
 from semantic_core.engine.types import Failed, Finished, GenerationRequest, PrefillProgress, TextDelta
 from semantic_core.errors import SemanticError
 from semantic_core.observability import REQUESTS, configure_logging

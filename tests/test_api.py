@@ -299,6 +299,7 @@ def test_a_named_agents_own_system_prompt_applies_when_the_request_gives_none(cl
 
 def test_labelled_counters_exist_before_their_first_event(api):
     text = httpx.get(f"{api.url}/metrics").text
-    assert 'semantic_agent_saves_total{result="error"} 0.0' in text
-    assert 'semantic_evictions_total{reason="preempt"} 0.0' in text
+    # Present from the start (the registry is per process, so other tests may have counted some).
+    assert 'semantic_agent_saves_total{result="error"}' in text
+    assert 'semantic_evictions_total{reason="preempt"}' in text
     assert "semantic_ready 1.0" in text

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from semantic_core.engine.engine import RequestHandle
+from semantic_core.engine.handle import RequestHandle
 from semantic_core.engine.types import (
     Finished,
     GenerationRequest,

@@ -14,7 +14,8 @@ from fastapi.responses import JSONResponse
 
 from semantic_core.agents.record import validate_agent_id
 from semantic_core.api.schemas import AgentCreate, AgentFork, AgentPatch
-from semantic_core.engine.engine import AgentInfo, Engine
+from semantic_core.engine.engine import Engine
+from semantic_core.engine.snapshot import AgentInfo
 from semantic_core.errors import EngineStopped
 
 router = APIRouter(prefix="/v1/agents", tags=["agents"])

@@ -23,7 +23,8 @@ from semantic_core.api.schemas import (
     Usage,
     to_chat,
 )
-from semantic_core.engine.engine import Engine, RequestHandle
+from semantic_core.engine.engine import Engine
+from semantic_core.engine.handle import RequestHandle
 from semantic_core.engine.types import (
     Failed,
     Finished,

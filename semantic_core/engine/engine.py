@@ -31,23 +31,25 @@ import asyncio
 import atexit
 import contextlib
 import itertools
-import queue
+import os
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from semantic_core.agents.prefix_index import common_prefix
-from semantic_core.agents.record import Sampling
 from semantic_core.agents.store import Agent, AgentStore
 from semantic_core.config import Settings
 from semantic_core.engine.block_pool import BlockPool
 from semantic_core.engine.chat import RenderedPrompt, render_chat
+from semantic_core.engine.handle import RequestHandle
 from semantic_core.engine.memory import MemoryManager
+from semantic_core.engine.operations import AgentOperations
+from semantic_core.engine.snapshot import EngineSnapshot, RateMeter
 from semantic_core.engine.text_stream import StopMatcher, make_detokenizer_factory
 from semantic_core.engine.types import (
     Event,
@@ -62,7 +64,6 @@ from semantic_core.engine.types import (
     Usage,
 )
 from semantic_core.errors import (
-    AgentBusy,
     AgentDamaged,
     AgentNotFound,
     EngineStopped,
@@ -106,72 +107,6 @@ def _stop_engines_at_exit() -> None:
 _DONE = object()
 
 
-# Handles -------------------------------------------------------------------------------------------
-
-
-class RequestHandle:
-    """The caller's side of one request: iterate events (sync or async), or cancel."""
-
-    _ids = itertools.count(1)
-
-    def __init__(self, engine: Engine, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None):
-        self.id = next(self._ids)
-        self.request = request
-        self._engine = engine
-        self._loop = loop
-        self._sync: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._async: asyncio.Queue[Any] | None = asyncio.Queue() if loop is not None else None
-        self.agent_id: str | None = request.agent_id
-        self.result: GenerationResult | None = None
-        self.error: Exception | None = None
-        self.done = threading.Event()
-
-    def _push(self, event: Event) -> None:
-        if isinstance(event, Started):
-            self.agent_id = event.agent_id
-        elif isinstance(event, Finished):
-            self.result = event.result
-        elif isinstance(event, Failed):
-            self.error = event.error
-        if self._async is not None and self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
-                self._loop.call_soon_threadsafe(self._async.put_nowait, event)
-        else:
-            self._sync.put(event)
-        if isinstance(event, Finished | Failed):
-            self.done.set()
-
-    def cancel(self) -> None:
-        self._engine._post(("cancel", self))
-
-    def __iter__(self) -> Iterator[Event]:
-        if self._async is not None:
-            raise TypeError("this handle was made for asyncio: use `async for`")
-        while True:
-            event = self._sync.get()
-            yield event
-            if isinstance(event, Finished | Failed):
-                return
-
-    async def __aiter__(self) -> AsyncIterator[Event]:
-        if self._async is None:
-            raise TypeError("this handle was made without an event loop: use `for`")
-        while True:
-            event = await self._async.get()
-            yield event
-            if isinstance(event, Finished | Failed):
-                return
-
-    def wait(self) -> GenerationResult:
-        """Consume every event (sync handles) and return the result, or raise the error."""
-        for _ in self:
-            pass
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return self.result
-
-
 # Per-sequence state ----------------------------------------------------------------------------------
 
 
@@ -212,101 +147,10 @@ class _Seq:
         return self.request.tokens
 
 
-@dataclass(frozen=True)
-class AgentInfo:
-    """A read-only view of one agent for lists and gauges."""
-
-    id: str
-    name: str
-    tier: str
-    pinned: bool
-    running: bool
-    tokens: int
-    blocks: int
-    shared_blocks: int
-    kv_bytes: int
-    disk_bytes: int
-    on_disk: bool
-    dirty: bool
-    compatible: bool
-    damaged: str | None
-    created_at: float
-    last_used: float
-    messages: int
-    system_prompt: str | None
-    forked_from: str | None
-    reused_tokens: int
-    computed_tokens: int
-    save_error: str | None
-    temperature: float | None = None  # the agent's sampling defaults (None: the caller's)
-    max_tokens: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class EngineSnapshot:
-    """Everything the gauges show, published by the engine thread a few times per second."""
-
-    taken_at: float
-    agents: tuple[AgentInfo, ...]
-    pool_capacity: int
-    pool_used: int
-    pool_shared: int
-    block_tokens: int
-    bytes_per_block: int
-    hot_agents: int
-    max_hot: int
-    running: int
-    prefilling: int
-    waiting: int
-    tokens_reused: int
-    tokens_computed: int
-    prefill_tps: float
-    decode_tps: float
-    evictions: int
-    saves: int
-    loads: int
-    quarantined: int
-    disk_bytes: int
-    requests_total: int
-    can_serve: bool = True  # False: the pool is full and nothing can be evicted
-    block_map: dict[int, tuple[str, ...]] = field(default_factory=dict)  # used blocks only
-
-    @property
-    def utilization(self) -> float:
-        return self.pool_used / self.pool_capacity if self.pool_capacity else 0.0
-
-    @property
-    def cache_hit_ratio(self) -> float:
-        total = self.tokens_reused + self.tokens_computed
-        return self.tokens_reused / total if total else 0.0
-
-
-class _Rate:
-    """Tokens per second over a sliding window."""
-
-    def __init__(self, window: float = 5.0) -> None:
-        self.window = window
-        self.events: deque[tuple[float, int, float]] = deque()
-
-    def add(self, tokens: int, seconds: float) -> None:
-        self.events.append((time.monotonic(), tokens, seconds))
-
-    def value(self) -> float:
-        now = time.monotonic()
-        while self.events and now - self.events[0][0] > self.window:
-            self.events.popleft()
-        tokens = sum(e[1] for e in self.events)
-        seconds = sum(e[2] for e in self.events)
-        return tokens / seconds if seconds > 0 else 0.0
-
-
 # The engine ----------------------------------------------------------------------------------------
 
 
-class Engine:
+class Engine(AgentOperations):
     def __init__(self, settings: Settings, loaded: LoadedModel | None = None) -> None:
         self.settings = settings
         self._loaded = loaded
@@ -324,8 +168,8 @@ class Engine:
         self._gen: Any = None  # mlx_lm GenerationBatch
         self._uids = itertools.count()
         self._samplers: dict[tuple[float, float, int], Any] = {}
-        self._prefill_rate = _Rate()
-        self._decode_rate = _Rate()
+        self._prefill_rate = RateMeter()
+        self._decode_rate = RateMeter()
         self.tokens_reused = 0
         self.tokens_computed = 0
         self.requests_total = 0
@@ -333,6 +177,9 @@ class Engine:
         self._snapshot_at = 0.0
         self._snapshot_dirty = True
         self._listeners: list[Callable[[EngineSnapshot], None]] = []
+        self._decode_threads = settings.mlx_blas_decode_threads
+        self._prefill_threads = settings.mlx_blas_prefill_threads or (os.cpu_count() or 1)
+        self._blas_threads_now = 0
         # Set at start():
         self.model: Any = None
         self.tokenizer: Any = None
@@ -546,15 +393,33 @@ class Engine:
             self._admit()
             worked = False
             if self._gen is not None and self._decoding:
+                self._blas_phase("decode")
                 self._decode_step()
                 worked = True
             if self._prefilling:
+                self._blas_phase("prefill")
                 self._prefill_step()
                 worked = True
             self._publish()
             if not worked:
                 self._wake.wait(0.05 if (self._waiting or self._has_pending_io()) else 0.5)
                 self._wake.clear()
+
+    def _blas_phase(self, phase: str) -> None:
+        """Decode matmuls are matrix-vector sized: BLAS worker threads cost more than they bring
+        (and spin against MLX's own thread on a small machine); prefill matmuls are large and
+        scale with cores. The thread count is switched only between phases, with MLX idle, because
+        changing it while MLX's stream thread is inside a BLAS call is not safe."""
+        threads = self._decode_threads if phase == "decode" else self._prefill_threads
+        if threads == self._blas_threads_now or threads < 1:
+            return
+        import mlx.core as mx
+
+        from semantic_core.model.blas import set_blas_threads
+
+        mx.synchronize()
+        set_blas_threads(threads)
+        self._blas_threads_now = threads
 
     def _has_pending_io(self) -> bool:
         return any(a.pending_save is not None for a in self.store)  # type: ignore[union-attr]
@@ -1161,168 +1026,6 @@ class Engine:
         self.store.poll_io()
         self.store.close()
         self._publish(force=True)
-
-    # Agent operations (run on the engine thread through `call`) ---------------------------------------
-
-    def create_agent(
-        self, agent_id: str | None = None, *, display_name: str | None = None, system_prompt: str | None = None,
-        sampling: Sampling | None = None,
-    ) -> AgentInfo:
-        def op() -> AgentInfo:
-            assert self.store is not None and self.memory is not None
-            self.memory.make_hot_slot(self._active_agents)
-            agent = self.store.create(agent_id, display_name=display_name, system_prompt=system_prompt,
-                                      sampling=sampling)
-            agent.cache = self._new_cache()
-            agent.changed()
-            self.store.save(agent)  # an empty agent is still an agent after a restart
-            return self._info(agent)
-        return self.call(op)
-
-    def list_agents(self) -> list[AgentInfo]:
-        return self.call(lambda: [self._info(a) for a in sorted(self.store, key=lambda a: a.id)])  # type: ignore[arg-type]
-
-    def get_agent(self, agent_id: str) -> tuple[AgentInfo, list[dict[str, Any]]]:
-        def op() -> tuple[AgentInfo, list[dict[str, Any]]]:
-            agent = self.store.get(agent_id)  # type: ignore[union-attr]
-            return self._info(agent), [dict(m) for m in agent.record.messages]
-        return self.call(op)
-
-    def save_agent(self, agent_id: str) -> AgentInfo:
-        def op() -> AgentInfo:
-            agent = self.store.get(agent_id)  # type: ignore[union-attr]
-            if agent.running:
-                raise AgentBusy(agent_id, "save")
-            if agent.hot:
-                self.store.save(agent)  # type: ignore[union-attr]
-            return self._info(agent)
-        return self.call(op)
-
-    def evict_agent(self, agent_id: str) -> AgentInfo:
-        def op() -> AgentInfo:
-            agent = self.store.get(agent_id)  # type: ignore[union-attr]
-            if agent.running:
-                raise AgentBusy(agent_id, "evict")
-            self.memory.evict(agent, reason="manual")  # type: ignore[union-attr]
-            return self._info(agent)
-        return self.call(op)
-
-    def load_agent(self, agent_id: str) -> AgentInfo:
-        def op() -> AgentInfo:
-            self._make_hot(self.store.get(agent_id))  # type: ignore[union-attr]
-            return self._info(self.store.get(agent_id))  # type: ignore[union-attr]
-        return self.call(op)
-
-    def pin_agent(self, agent_id: str, pinned: bool = True) -> AgentInfo:
-        def op() -> AgentInfo:
-            agent = self.store.set_pinned(agent_id, pinned)  # type: ignore[union-attr]
-            if pinned:
-                self._make_hot(agent)  # pinning keeps it hot, so it starts hot
-            self._save_quietly(agent) if agent.hot and not agent.running else None
-            if not agent.hot:
-                self._rewrite_cold(agent)
-            return self._info(agent)
-        return self.call(op)
-
-    def rename_agent(self, agent_id: str, display_name: str | None) -> AgentInfo:
-        def op() -> AgentInfo:
-            agent = self.store.rename(agent_id, display_name)  # type: ignore[union-attr]
-            if agent.hot and not agent.running:
-                self._save_quietly(agent)
-            elif not agent.hot:
-                self._rewrite_cold(agent)
-            return self._info(agent)
-        return self.call(op)
-
-    def delete_agent(self, agent_id: str) -> None:
-        def op() -> None:
-            agent = self.store.get(agent_id)  # type: ignore[union-attr]
-            if agent.running or agent_id in self._active_agents:
-                raise AgentBusy(agent_id, "delete")
-            self.memory.release(agent)  # type: ignore[union-attr]
-            self.store.forget(agent)  # type: ignore[union-attr]
-        self.call(op)
-
-    def fork_agent(self, agent_id: str, new_id: str | None = None, *, display_name: str | None = None) -> AgentInfo:
-        def op() -> AgentInfo:
-            assert self.store is not None and self.memory is not None
-            parent = self.store.get(agent_id)
-            if parent.running:
-                raise AgentBusy(agent_id, "fork")
-            self._make_hot(parent)
-            self.memory.make_hot_slot({parent.id, *self._active_agents})
-            child = self.store.create(new_id, display_name=display_name, system_prompt=parent.record.system_prompt,
-                                      sampling=parent.record.sampling, forked_from=parent.id)
-            try:
-                self._fork_into(parent, child, len(parent.tokens))
-            except SemanticError:
-                self.memory.release(child)
-                self.store.forget(child)
-                raise
-            child.record.messages = [dict(m) for m in parent.record.messages]
-            child.changed()
-            self._save_quietly(child)
-            return self._info(child)
-        return self.call(op)
-
-    def _make_hot(self, agent: Agent) -> None:
-        assert self.store is not None and self.memory is not None
-        if agent.hot:
-            agent.touch()
-            return
-        if agent.damaged:
-            raise AgentDamaged(f"agent {agent.id!r} is damaged: {agent.damaged}")
-        if not agent.compatible:
-            raise ModelMismatch(f"agent {agent.id!r} was saved with another model")
-        protect = {agent.id, *self._active_agents}
-        self.memory.make_hot_slot(protect)
-        if agent.on_disk and agent.tokens:
-            fut = self.store.read_async(agent)
-            fut.exception()  # wait: explicit loads are synchronous for their caller
-            if fut.exception() is None:
-                self.memory.ensure(agent, len(fut.result()[0].tokens), protect=protect)
-            try:
-                self.store.finish_load(agent, fut)
-            except SemanticError:
-                self.memory.release(agent)
-                raise
-        else:
-            agent.cache = self._new_cache()
-            agent.tokens = []
-        agent.touch()
-
-    def _rewrite_cold(self, agent: Agent) -> None:
-        """A cold agent's record changed: load, save, evict (keeps the single-file format simple)."""
-        assert self.memory is not None and self.store is not None
-        if agent.damaged or not agent.compatible or not agent.on_disk:
-            return
-        self._make_hot(agent)
-        agent.changed()
-        self.store.save(agent)
-        if not agent.record.pinned:
-            self.memory.evict(agent, reason="manual")
-
-    def _info(self, agent: Agent) -> AgentInfo:
-        assert self.info is not None and self.pool is not None
-        tokens = len(agent.tokens) if not agent.running else max(
-            len(agent.tokens), self._running_tokens(agent.id))
-        return AgentInfo(
-            id=agent.id, name=agent.record.name, tier=agent.tier, pinned=agent.record.pinned,
-            running=agent.running, tokens=tokens, blocks=len(agent.blocks), shared_blocks=agent.shared_blocks,
-            kv_bytes=tokens * self.info.bytes_per_token if agent.hot else 0, disk_bytes=agent.disk_bytes,
-            on_disk=agent.on_disk, dirty=agent.dirty, compatible=agent.compatible, damaged=agent.damaged,
-            created_at=agent.record.created_at, last_used=agent.record.last_used,
-            messages=len(agent.record.messages), system_prompt=agent.record.system_prompt,
-            forked_from=agent.record.forked_from, reused_tokens=agent.reused_tokens,
-            computed_tokens=agent.computed_tokens, save_error=agent.save_error,
-            temperature=agent.record.sampling.temperature, max_tokens=agent.record.sampling.max_tokens,
-        )
-
-    def _running_tokens(self, agent_id: str) -> int:
-        seq = self._active_agents.get(agent_id)
-        if seq is None:
-            return 0
-        return seq.cache_tokens if seq.phase == "decode" else seq.cursor
 
     # Metrics and snapshots -------------------------------------------------------------------------
 

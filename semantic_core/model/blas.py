@@ -26,6 +26,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from semantic_core.config import cache_root, early_blas_choice
 
@@ -45,6 +46,8 @@ class BlasInfo:
 
 
 _INFO: BlasInfo | None = None
+_SET_THREADS: Any = None  # the BLAS's own set-threads function, when it has one
+_THREADS: int | None = None
 
 
 def blas_info() -> BlasInfo:
@@ -102,8 +105,9 @@ def _load_openblas() -> BlasInfo:
         raise _Unavailable(f"no OpenBLAS library in {lib_dir}")
     lib = candidates[0]
     shim = _compiled_shim(lib)
-    ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+    handle = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
     ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
+    _remember_thread_control(handle, "scipy_openblas_set_num_threads")
     version = getattr(scipy_openblas32, "__version__", "?")
     return BlasInfo("openblas", f"OpenBLAS {version} from scipy-openblas32", str(lib))
 
@@ -139,6 +143,28 @@ def _load_mkl() -> BlasInfo:
     roots = {Path(sys.prefix) / "lib", Path(sys.base_prefix) / "lib"}
     for root in roots:
         for lib in sorted(root.glob("libmkl_rt.so*")):
-            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+            handle = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+            _remember_thread_control(handle, "MKL_Set_Num_Threads")
             return BlasInfo("mkl", "Intel MKL from the mkl package", str(lib))
     raise _Unavailable("the mkl package is not installed")
+
+
+def _remember_thread_control(handle: Any, name: str) -> None:
+    global _SET_THREADS
+    fn = getattr(handle, name, None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int]
+        fn.restype = None
+        _SET_THREADS = fn
+
+
+def set_blas_threads(n: int) -> None:
+    """Threads the BLAS may use for the next calls (no-op without an optimized BLAS, or when the
+    user pinned OPENBLAS_NUM_THREADS / MKL_NUM_THREADS). Cheap: the engine switches it per phase."""
+    global _THREADS
+    if _SET_THREADS is None or n == _THREADS or n < 1:
+        return
+    if os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+        return
+    _SET_THREADS(n)
+    _THREADS = n

@@ -10,7 +10,8 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
-from semantic_core.engine.engine import Engine, EngineSnapshot
+from semantic_core.engine.engine import Engine
+from semantic_core.engine.snapshot import EngineSnapshot
 from semantic_tui.formatting import tier_label
 
 PALETTE = ["#e06c75", "#98c379", "#e5c07b", "#61afef", "#c678dd", "#56b6c2", "#d19a66", "#be5046",

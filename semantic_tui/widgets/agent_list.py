@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual.message import Message
 from textual.widgets import DataTable
 
-from semantic_core.engine.engine import AgentInfo
+from semantic_core.engine.snapshot import AgentInfo
 from semantic_tui.formatting import ago, human_bytes, tier_label
 
 

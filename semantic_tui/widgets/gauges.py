@@ -8,7 +8,7 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Label, ProgressBar, Sparkline, Static
 
-from semantic_core.engine.engine import EngineSnapshot
+from semantic_core.engine.snapshot import EngineSnapshot
 from semantic_tui.formatting import human_bytes
 
 
