@@ -70,13 +70,14 @@ class RequestIDMiddleware:
 
 
 class AccessLogMiddleware:
-    """One structured line per request (probes excepted): method, path, status, duration, agent."""
+    """One structured line per request (probes and metric scrapes excepted): method, path, status,
+    duration, agent."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith("/health/"):
+        if scope["type"] != "http" or _is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
