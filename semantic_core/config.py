@@ -92,7 +92,7 @@ class Settings(BaseSettings):
         1, ge=0, description="CPU BLAS threads during decode steps (0: leave the BLAS's default)."
     )
     mlx_blas_prefill_threads: int = Field(
-        0, ge=0, description="CPU BLAS threads during prefill (0: one per core)."
+        0, ge=0, description="CPU BLAS threads during prefill (0: one per core but one)."
     )
     model_dir: Path = Field(
         default_factory=lambda: cache_root() / "models",
