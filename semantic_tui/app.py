@@ -17,8 +17,10 @@ from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.screen import Screen
-from textual.widgets import Footer, Header
+from textual.timer import Timer
+from textual.widgets import Footer, Header, Markdown
 
 from semantic_core.agents.record import Sampling
 from semantic_core.config import Settings
@@ -158,6 +160,7 @@ class SemanticApp(App[None]):
         self._requests_at = time.monotonic()
         self._rps = 0.0
         self._quitting = False
+        self._gauge_timer: Timer | None = None
 
     # Layout --------------------------------------------------------------------------------------
 
@@ -174,7 +177,7 @@ class SemanticApp(App[None]):
     def on_mount(self) -> None:
         configure_logging(self.settings.server_log_level, handler=LogLinesHandler(self.logs))
         self.sub_title = "loading the model…"
-        self.query_one(PromptInput).focus()
+        self.main_screen.query_one(PromptInput).focus()
         self._apply_width(self.size.width)
         self.start_engine()
 
@@ -201,7 +204,7 @@ class SemanticApp(App[None]):
         info = self.engine.info
         assert info is not None
         self.sub_title = f"{info.model_id} · {info.device} · {info.weights}"
-        self.set_interval(0.25, self.refresh_gauges)
+        self._gauge_timer = self.set_interval(0.25, self.refresh_gauges)
         self.refresh_gauges()
         if self.serve_api:
             await self.start_server()
@@ -210,7 +213,7 @@ class SemanticApp(App[None]):
             latest = max(snap.agents, key=lambda a: a.last_used)
             await self.open_agent(latest.id)
         else:
-            await self.query_one(ChatView).show_history([], self._empty_note())
+            await self.main_screen.query_one(ChatView).show_history([], self._empty_note())
 
     async def start_server(self) -> None:
         from semantic_core.api.app import create_app
@@ -234,7 +237,16 @@ class SemanticApp(App[None]):
             self.api_state = "off: failed to start"
             self.notify(f"The API server stopped: {exc}", title="API", severity="error", timeout=12)
 
+    @property
+    def main_screen(self) -> Screen:
+        """The screen holding the agent list, chat and gauges, whatever modal is on top of it."""
+        if not self.screen_stack:
+            raise NoMatches("the app has no screens")
+        return self.screen_stack[0]
+
     def refresh_gauges(self) -> None:
+        if self._quitting or not self.is_running:
+            return
         try:
             snap = self.engine.snapshot()
         except SemanticError:
@@ -244,8 +256,11 @@ class SemanticApp(App[None]):
         if now - self._requests_at >= 1.0:
             self._rps = (total - self._requests_seen) / (now - self._requests_at)
             self._requests_seen, self._requests_at = total, now
-        self.query_one(Gauges).show(snap, self.api_state, self._rps)
-        self.query_one(AgentList).update_agents(snap.agents, self.current)
+        try:
+            self.main_screen.query_one(Gauges).show(snap, self.api_state, self._rps)
+            self.main_screen.query_one(AgentList).update_agents(snap.agents, self.current)
+        except NoMatches:  # a timer tick that lands while the app tears its widgets down
+            return
 
     # Chat ------------------------------------------------------------------------------------------
 
@@ -264,13 +279,13 @@ class SemanticApp(App[None]):
             if info.tier == "cold" else info.tier
         note = f"[b]{escape(info.name)}[/b] has no messages yet ({where})." if not history else ""
         self.title = f"semantic · {info.name}"
-        await self.query_one(ChatView).show_history(history, note)
+        await self.main_screen.query_one(ChatView).show_history(history, note)
         self.refresh_gauges()
-        self.query_one(AgentList).select(agent_id)
+        self.main_screen.query_one(AgentList).select(agent_id)
 
     async def on_agent_list_selected(self, event: AgentList.Selected) -> None:
         await self.open_agent(event.agent_id)
-        self.query_one(PromptInput).focus()
+        self.main_screen.query_one(PromptInput).focus()
 
     def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
         if not self.engine.ready:
@@ -283,7 +298,7 @@ class SemanticApp(App[None]):
 
     @work(group="chat")
     async def send(self, text: str) -> None:
-        chat = self.query_one(ChatView)
+        chat = self.main_screen.query_one(ChatView)
         if self.current is None:
             try:
                 info = await asyncio.to_thread(self.engine.create_agent)
@@ -318,7 +333,6 @@ class SemanticApp(App[None]):
             self.notify(exc.message, title="Not sent", severity="error", timeout=10)
             return
         self.handles[agent_id] = handle
-        from textual.widgets import Markdown
 
         stream = Markdown.get_stream(answer.markdown)
         try:
@@ -345,15 +359,15 @@ class SemanticApp(App[None]):
             handle.cancel()
             self.notify("Stopped; the answer so far is kept.", timeout=3)
         elif isinstance(self.focused, PromptInput):
-            self.query_one(AgentList).focus()  # leave the input so letter keys act on agents
+            self.main_screen.query_one(AgentList).focus()  # leave the input so letter keys act on agents
         else:
-            self.query_one(PromptInput).focus()
+            self.main_screen.query_one(PromptInput).focus()
 
     # Agent actions -----------------------------------------------------------------------------------
 
     def _target(self) -> str | None:
         focused = self.focused
-        agent_list = self.query_one(AgentList)
+        agent_list = self.main_screen.query_one(AgentList)
         agent_id = agent_list.selected_id if focused is agent_list else (self.current or agent_list.selected_id)
         if agent_id is None:
             self.notify("Select an agent first.", severity="warning")
@@ -377,7 +391,7 @@ class SemanticApp(App[None]):
             return
         self.notify(f"Created {info.name}.", timeout=3)
         await self.open_agent(info.id)
-        self.query_one(PromptInput).focus()
+        self.main_screen.query_one(PromptInput).focus()
 
     def action_rename(self) -> None:
         agent_id = self._target()
@@ -445,7 +459,7 @@ class SemanticApp(App[None]):
                 if self.current == agent_id:
                     self.current = None
                     self.title = "semantic"
-                    await self.query_one(ChatView).show_history([], self._empty_note())
+                    await self.main_screen.query_one(ChatView).show_history([], self._empty_note())
         except (SemanticError, StopIteration) as exc:
             message = exc.message if isinstance(exc, SemanticError) else f"no agent {agent_id!r}"
             self.notify(message, title=op.capitalize(), severity="error", timeout=10)
@@ -483,7 +497,7 @@ class SemanticApp(App[None]):
         self.push_screen(InfoScreen(self._info_text()))
 
     def action_toggle_gauges(self) -> None:
-        self.query_one(Gauges).toggle_class("hidden")
+        self.main_screen.query_one(Gauges).toggle_class("hidden")
 
     def action_help(self) -> None:
         widget = self.focused
@@ -538,6 +552,8 @@ class SemanticApp(App[None]):
         if self._quitting:
             return
         self._quitting = True
+        if self._gauge_timer is not None:
+            self._gauge_timer.stop()
         self.notify("Saving agents…", timeout=30)
         for handle in list(self.handles.values()):
             handle.cancel()

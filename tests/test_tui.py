@@ -188,6 +188,11 @@ async def test_screens_help_and_command_palette(tmp_path, tiny_loaded):
         await pilot.press("f1")
         await until(pilot, lambda: isinstance(app.screen, HelpScreen))
         assert "Message" in app.screen.text  # help for the focused input box
+        # The gauges and the agent list keep refreshing underneath a modal screen.
+        app.engine.create_agent("made-while-help-open")
+        await pilot.pause(0.8)
+        assert isinstance(app.screen, HelpScreen)
+        assert "made-while-help-open" in [row.value for row in app.query_one(AgentList).rows]
         await pilot.press("escape")
         titles = [c.title for c in app.get_system_commands(app.screen)]
         for title in ("New agent", "Save agent", "Evict agent", "Fork agent", "Delete agent", "Pool inspector"):
