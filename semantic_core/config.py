@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     mlx_blas_prefill_threads: int = Field(
         0, ge=0, description="CPU BLAS threads during prefill (0: one per core but one)."
     )
+    mlx_numpy_exp: bool = Field(
+        True, description="On CPU, exponentials of prompt attention and SwiGLU by NumPy (MLX's are slow there)."
+    )
     model_dir: Path = Field(
         default_factory=lambda: cache_root() / "models",
         description="Where fetched and converted models are kept.",

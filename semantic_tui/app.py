@@ -513,7 +513,7 @@ class SemanticApp(App[None]):
         if info is not None:
             rows = [("model", info.model_id), ("path", str(info.path)), ("source", info.source),
                     ("parameters", f"{info.parameters:,}"), ("weights", info.weights), ("device", info.device),
-                    ("BLAS", info.blas), ("context", f"{info.context_length} tokens"),
+                    ("BLAS", info.blas), ("kernels", info.kernels), ("context", f"{info.context_length} tokens"),
                     ("KV cache", f"{info.bytes_per_token:,} bytes per token ({info.kv_dtype})"),
                     ("fingerprint", info.fingerprint), ("loaded in", f"{info.load_seconds:.1f} s")]
             lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]

@@ -381,7 +381,8 @@ class Engine(AgentOperations):
         self._eos_stops = StopSequences([(t,) for t in sorted(self.tokenizer.eos_token_ids)])
         log.info(
             "engine ready", model=self.info.model_id, device=self.info.device, weights=self.info.weights,
-            blas=self.info.blas, pool_blocks=self.pool.capacity, block_tokens=self.pool.block_tokens,
+            blas=self.info.blas, kernels=self.info.kernels, pool_blocks=self.pool.capacity,
+            block_tokens=self.pool.block_tokens,
             kv_bytes_per_token=self.info.bytes_per_token, agents=len(self.store),
         )
         self._publish(force=True)

@@ -41,6 +41,7 @@ class ModelInfo:
     device: str
     blas: str
     fingerprint: str
+    kernels: str = "mlx"
     load_seconds: float = 0.0
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -65,6 +66,7 @@ class ModelInfo:
             "weights": self.weights,
             "device": self.device,
             "blas": self.blas,
+            "kernels": self.kernels,
             "fingerprint": self.fingerprint,
         }
 
@@ -92,10 +94,10 @@ def device_description() -> str:
 
 def load(settings: Settings, *, progress: Progress | None = None, quiet: bool = True) -> LoadedModel:
     resolved = resolve(settings.mlx_model_id, settings.model_dir, quiet=quiet, progress=progress)
-    return load_resolved(resolved, weights_mode=settings.mlx_weights)
+    return load_resolved(resolved, weights_mode=settings.mlx_weights, numpy_exp=settings.mlx_numpy_exp)
 
 
-def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto") -> LoadedModel:
+def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto", numpy_exp: bool = True) -> LoadedModel:
     import mlx.core as mx
     from mlx_lm.models.cache import KVCache, make_prompt_cache
     from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
@@ -118,6 +120,15 @@ def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto") -> Loa
         weights = "dense float32"
     else:
         weights = _describe_quant(config) if quantized else f"dense {_param_dtype(model)}"
+
+    kernels = "mlx"
+    if device == "cpu" and numpy_exp:
+        from semantic_core.model import cpu_ops
+
+        replaced = cpu_ops.install(model)
+        if replaced:
+            kernels = "mlx, with NumPy exponentials in " + " and ".join(
+                {"scaled_dot_product_attention": "prompt attention", "swiglu": "SwiGLU"}[n] for n in replaced)
 
     # One token through a fresh cache tells the KV geometry whatever the architecture says.
     cache = make_prompt_cache(model)
@@ -149,6 +160,7 @@ def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto") -> Loa
         weights=weights,
         device=device,
         blas=str(blas_info()) if device == "cpu" else "n/a (GPU)",
+        kernels=kernels,
         fingerprint=fingerprint(resolved.path, weights, str(kv_dtype)),
         load_seconds=time.perf_counter() - start,
     )
