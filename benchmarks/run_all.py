@@ -24,7 +24,7 @@ from typing import Any
 
 from _common import BENCH_DIR, machine, make_parser
 
-SCRIPTS = ["blas_choice", "engine_speed", "resume_ttft", "batch_scaling", "http_overhead"]
+SCRIPTS = ["blas_choice", "cpu_ops", "engine_speed", "resume_ttft", "batch_scaling", "http_overhead"]
 SERVERS_SCRIPT = "multi_agent_vs_servers"
 
 
@@ -164,6 +164,8 @@ def main() -> None:
                         help="before each script, wait up to SECONDS for the 1-minute load average to fall below "
                         "--quiet-load (a shared machine); default 0: do not wait")
     parser.add_argument("--quiet-load", type=float, default=0.5, help="load average counted as quiet (default 0.5)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other scripts' results of the existing report and replace only those run now")
     args = parser.parse_args()
     # --json is accepted for symmetry with the scripts: the combined report is also written there.
 
@@ -185,9 +187,18 @@ def main() -> None:
                 wait_for_quiet(args.quiet_wait, args.quiet_load)
             entries[name] = run_script(name, args.quick, Path(tmp) / f"{name}.json", timeout)
 
-    report = {"date": started, "quick": args.quick, "machine": facts, **environment_facts(entries),
-              "seconds": round(time.perf_counter() - start, 1), "benchmarks": entries}
     stem = "latest-quick" if args.quick else "latest"
+    seconds = round(time.perf_counter() - start, 1)
+    previous = args.results_dir / f"{stem}.json"
+    if args.merge and previous.exists():
+        old = json.loads(previous.read_text())
+        merged = {n: e for n, e in old.get("benchmarks", {}).items() if n not in entries}
+        merged.update(entries)
+        order = [*SCRIPTS, SERVERS_SCRIPT]
+        entries = dict(sorted(merged.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+        started, seconds = old.get("date", started), round(old.get("seconds", 0) + seconds, 1)
+    report = {"date": started, "quick": args.quick, "machine": facts, **environment_facts(entries),
+              "seconds": seconds, "benchmarks": entries}
     args.results_dir.mkdir(parents=True, exist_ok=True)
     json_text = json.dumps(report, indent=2) + "\n"
     (args.results_dir / f"{stem}.json").write_text(json_text)
