@@ -991,7 +991,8 @@ def main() -> int:
                 shutil.copy(log_path, args.keep_logs / log_path.name)
     # Commands name the temporary folders of this run only; strip them from the record.
     for r in results:
-        r.command = r.command.replace(str(work), "<tmp>").replace(str(Path.home()), "~")
+        r.command = (r.command.replace(str(work), "<tmp>").replace(str(Path(sys.prefix) / "bin") + os.sep, "")
+                     .replace(str(Path.home()), "~"))
 
     table, summary = report(results)
     print()
