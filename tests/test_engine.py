@@ -283,3 +283,32 @@ def test_small_pool_preempts_and_every_sequence_still_finishes_correctly(engine_
     snap = tight.snapshot(fresh=True)
     assert snap.pool_used <= snap.pool_capacity
     assert snap.evictions > 0  # sequences really were preempted to disk and resumed
+
+
+def test_long_and_short_histories_decode_in_separate_groups(engine_factory, monkeypatch):
+    """One long history must not pad every short agent's batch to its length (time and memory)."""
+    from semantic_core.engine.engine import Engine
+
+    long_text = " ".join(PROMPTS * 12)
+    prompts = [long_text, *PROMPTS[:3]]
+    alone = engine_factory(mlx_max_batch_size=1)
+    expected = [alone.complete(req(alone, p, max_tokens=12)).token_ids for p in prompts]
+    alone.stop()
+
+    seen: list[list[list[int]]] = []
+    original = Engine._decode_step
+
+    def recording(self):
+        seen.append(sorted(sorted(self._group_lengths(g)) for g in self._groups))
+        original(self)
+
+    monkeypatch.setattr(Engine, "_decode_step", recording)
+    batched = engine_factory(mlx_max_batch_size=8)
+    lengths = [len(req(batched, p).tokens) for p in prompts]
+    assert lengths[0] > 4 * max(lengths[1:]) and lengths[0] - max(lengths[1:]) > 256
+    handles = [batched.submit(req(batched, p, max_tokens=12)) for p in prompts]
+    assert [h.wait().token_ids for h in handles] == expected
+    # At some step all four decoded at once, in two groups: the three short ones, and the long one.
+    both = [step for step in seen if sum(len(g) for g in step) == 4]
+    assert both, seen
+    assert all(len(step) == 2 and [len(g) for g in step] == [3, 1] for step in both), both

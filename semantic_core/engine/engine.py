@@ -106,6 +106,12 @@ def _stop_engines_at_exit() -> None:
             engine.stop()
 _DONE = object()
 
+# Decode groups (see Engine._group_for): sequences decode in one batch while their cache lengths differ
+# by at most this many tokens or this factor; at most this many batches step separately.
+GROUP_SLACK_TOKENS = 256
+GROUP_RATIO = 2.0
+MAX_DECODE_GROUPS = 3
+
 
 # Per-sequence state ----------------------------------------------------------------------------------
 
@@ -165,7 +171,10 @@ class Engine(AgentOperations):
         self._prefilling: list[_Seq] = []
         self._decoding: dict[int, _Seq] = {}
         self._active_agents: dict[str, _Seq] = {}
-        self._gen: Any = None  # mlx_lm GenerationBatch
+        # Decoding sequences in groups of similar cache length, one mlx-lm GenerationBatch each: a batch
+        # left-pads every sequence to its longest, so one long history would make every short agent attend
+        # over (and hold memory for) all of it. Each group costs one forward pass per step.
+        self._groups: list[Any] = []
         self._uids = itertools.count()
         self._samplers: dict[tuple[float, float, int], Any] = {}
         self._prefill_rate = RateMeter()
@@ -351,7 +360,7 @@ class Engine(AgentOperations):
             self._fail_everything(exc)
         finally:
             READY.set(0)
-            self._gen = None
+            self._groups = []
             # Work queued with async_eval must finish before this thread ends, or MLX's stream
             # threads are torn down at exit with work in flight (a C++ terminate).
             import mlx.core as mx
@@ -396,7 +405,7 @@ class Engine(AgentOperations):
             self.store.poll_io()
             self._admit()
             worked = False
-            if self._gen is not None and self._decoding:
+            if self._groups and self._decoding:
                 self._blas_phase("decode")
                 self._decode_step()
                 worked = True
@@ -749,15 +758,58 @@ class Engine(AgentOperations):
             mx.clear_cache()
 
     def _join_decode(self, seqs: list[_Seq]) -> None:
-        import mlx.core as mx
-        from mlx_lm.generate import GenerationBatch
-
-        n_layers = self.info.num_layers  # type: ignore[union-attr]
         for seq in seqs:
             seq.uid = next(self._uids)
             seq.phase = "decode"
             seq.cache_tokens = len(seq.prompt)
             self._decoding[seq.uid] = seq
+        placed: dict[int, list[_Seq]] = {}
+        for seq in sorted(seqs, key=lambda s: s.cache_tokens):
+            index = self._group_for(seq.cache_tokens, placed)
+            placed.setdefault(index, []).append(seq)
+        for index, members in sorted(placed.items()):
+            batch = self._make_batch(members)
+            if index < len(self._groups):
+                self._groups[index].extend(batch)
+            else:
+                self._groups.append(batch)
+
+    def _group_lengths(self, group: Any) -> list[int]:
+        return [self._decoding[uid].cache_tokens for uid in group.uids if uid in self._decoding]
+
+    def _group_for(self, tokens: int, placed: dict[int, list[_Seq]]) -> int:
+        """The decode group a sequence of `tokens` cached tokens joins (len(self._groups) for a new one).
+
+        A group takes it when padding stays small: the lengths differ by at most
+        GROUP_SLACK_TOKENS or by a factor of GROUP_RATIO. Past MAX_DECODE_GROUPS the closest group
+        takes it anyway (each group costs a forward pass per step).
+        """
+        def spread(index: int) -> tuple[int, int]:
+            lengths = self._group_lengths(self._groups[index]) if index < len(self._groups) else []
+            lengths += [s.cache_tokens for s in placed.get(index, [])]
+            return (min(lengths), max(lengths)) if lengths else (tokens, tokens)
+
+        candidates = range(max(len(self._groups), max(placed, default=-1) + 1))
+        best, best_gap = None, None
+        for index in candidates:
+            low, high = spread(index)
+            low, high = min(low, tokens), max(high, tokens)
+            gap = high - low
+            fits = gap <= GROUP_SLACK_TOKENS or high <= GROUP_RATIO * low
+            if fits and (best_gap is None or gap < best_gap):
+                best, best_gap = index, gap
+        if best is not None:
+            return best
+        count = len(candidates)
+        if count < MAX_DECODE_GROUPS:
+            return count
+        return min(candidates, key=lambda i: abs(sum(spread(i)) / 2 - tokens))
+
+    def _make_batch(self, seqs: list[_Seq]) -> Any:
+        import mlx.core as mx
+        from mlx_lm.generate import GenerationBatch
+
+        n_layers = self.info.num_layers  # type: ignore[union-attr]
         merged = [type(seqs[0].kv[i]).merge([s.kv[i] for s in seqs]) for i in range(n_layers)]  # type: ignore[index]
         for seq in seqs:
             seq.kv = None
@@ -777,10 +829,7 @@ class Engine(AgentOperations):
         dt = time.perf_counter() - t0
         for seq in seqs:
             seq.prefill_seconds += dt / len(seqs)
-        if self._gen is None or len(self._gen) == 0:
-            self._gen = batch
-        else:
-            self._gen.extend(batch)
+        return batch
 
     # Decode ----------------------------------------------------------------------------------------
 
@@ -793,17 +842,22 @@ class Engine(AgentOperations):
             self._ensure_decode_room(seq)
         if not self._decoding:
             return
-        t0 = time.perf_counter()
-        responses = self._gen.next()
-        dt = time.perf_counter() - t0
-        self._decode_rate.add(len(responses), dt)
-        TOKENS.labels("decode").inc(len(responses))
-        for r in responses:
-            seq = self._decoding.get(r.uid)
-            if seq is None:
-                continue
-            seq.cache_tokens += 1
-            self._on_token(seq, r, dt)
+        self._groups = [g for g in self._groups if len(g) > 0]
+        for group in list(self._groups):
+            if len(group) == 0:
+                continue  # emptied by a preemption earlier in this step
+            t0 = time.perf_counter()
+            responses = group.next()
+            dt = time.perf_counter() - t0
+            self._decode_rate.add(len(responses), dt)
+            TOKENS.labels("decode").inc(len(responses))
+            for r in responses:
+                seq = self._decoding.get(r.uid)
+                if seq is None:
+                    continue
+                seq.cache_tokens += 1
+                self._on_token(seq, r, dt)
+        self._groups = [g for g in self._groups if len(g) > 0]
 
     def _ensure_decode_room(self, seq: _Seq) -> None:
         assert self.memory is not None and seq.agent is not None
@@ -848,7 +902,7 @@ class Engine(AgentOperations):
         self._waiting.appendleft(seq)
 
     def _extract(self, seq: _Seq) -> tuple[list[Any], list[int]]:
-        gen = self._gen
+        gen = next(g for g in self._groups if seq.uid in g.uids)
         idx = gen.uids.index(seq.uid)
         cache = gen.extract_cache(idx)
         tokens = list(gen.tokens[idx])
