@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.message import Message
 from textual.widgets import DataTable
 
@@ -33,12 +34,12 @@ Every agent is a conversation with its own KV cache.
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self._rows: tuple = ()
 
+    COLUMNS = ("agent", "tier", "tokens", "size", "used")
+    MAX_NAME_WIDTH = 20
+
     def on_mount(self) -> None:
-        self.add_column("agent", key="agent")
-        self.add_column("tier", key="tier")
-        self.add_column("tokens", key="tokens")
-        self.add_column("size", key="size")
-        self.add_column("used", key="used")
+        for label in self.COLUMNS:
+            self.add_column(label, key=label, width=len(label))
 
     @property
     def selected_id(self) -> str | None:
@@ -57,12 +58,20 @@ Every agent is a conversation with its own KV cache.
             return
         self._rows = fingerprint
         keep = self.selected_id or current
-        self.clear()
+        cells = []
         for a in rows:
             size = human_bytes(a.kv_bytes if a.tier == "hot" else a.disk_bytes)
             name = f"[b]{a.name}[/]" if a.id == current else a.name
-            self.add_row(name, tier_label(a.tier, a.pinned, a.running), str(a.tokens), size, ago(a.last_used),
-                         key=a.id)
+            cells.append((a.id, [name, tier_label(a.tier, a.pinned, a.running), str(a.tokens), size,
+                                 ago(a.last_used)]))
+        # Explicit widths (the widest cell, as automatic widths would be): DataTable measures automatic
+        # widths lazily, and a screen drawn before that showed every cell cut to its header's width.
+        for index, column in enumerate(self.columns.values()):
+            widest = max((Text.from_markup(row[index]).cell_len for _, row in cells), default=0)
+            column.width = max(len(self.COLUMNS[index]), min(widest, self.MAX_NAME_WIDTH if index == 0 else 99))
+        self.clear()
+        for key, row in cells:
+            self.add_row(*row, key=key)
         if keep is not None:
             for index, a in enumerate(rows):
                 if a.id == keep:
