@@ -17,7 +17,9 @@ import math
 import os
 import platform
 import random
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -99,6 +101,53 @@ def default_model_dir() -> Path:
     from semantic_core.model.registry import resolve
 
     return resolve(DEFAULT_MODEL_ALIAS, load_settings().model_dir, quiet=True).path
+
+
+# A real server -------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_server(log_path: Path, cache_dir: Path, env: dict[str, str] | None = None,
+                   ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`semantic serve` in a subprocess on a free port; yields (base URL, process) once the model is loaded.
+
+    Stopped with SIGTERM (the graceful shutdown) at the end."""
+    import httpx
+
+    port = free_port()
+    exe = Path(sys.executable).with_name("semantic")
+    cmd = [str(exe), "serve"] if exe.exists() else [sys.executable, "-c", "from semantic_tui.cli import main; main()",
+                                                    "serve"]
+    full_env = dict(os.environ, SEMANTIC_SERVER_HOST="127.0.0.1", SEMANTIC_SERVER_PORT=str(port),
+                    SEMANTIC_AGENT_CACHE_DIR=str(cache_dir), **(env or {}))
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({proc.returncode}): {log_path.read_text()[-800:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not become ready in 300 s")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.25)
+        yield url, proc
+    finally:
+        proc.terminate()  # SIGTERM: graceful shutdown
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # Statistics -----------------------------------------------------------------------------------------

@@ -17,20 +17,16 @@ middleware.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from _common import Report, fmt, make_parser, median, percentile, progress
+from _common import Report, fmt, make_parser, median, percentile, progress, running_server
 
 PROBE = "/health/live"
 BENCH_PATH = "/v1/bench"
@@ -49,47 +45,6 @@ end
 
 
 # 1. A real server -----------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def running_server(log_path: Path, cache_dir: Path) -> Iterator[str]:
-    """`semantic serve` in a subprocess; yields its base URL once the model is loaded."""
-    import httpx
-
-    port = free_port()
-    exe = Path(sys.executable).with_name("semantic")
-    cmd = [str(exe), "serve"] if exe.exists() else [sys.executable, "-c", "from semantic_tui.cli import main; main()",
-                                                    "serve"]
-    env = dict(os.environ, SEMANTIC_SERVER_HOST="127.0.0.1", SEMANTIC_SERVER_PORT=str(port),
-               SEMANTIC_AGENT_CACHE_DIR=str(cache_dir))
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({proc.returncode}): {log_path.read_text()[-800:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not become ready in 300 s")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.25)
-        yield url
-    finally:
-        proc.terminate()  # SIGTERM: graceful shutdown
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 async def httpx_load(url: str, connections: int, seconds: float) -> dict[str, Any]:
@@ -251,7 +206,7 @@ def main() -> None:
             progress("starting `semantic serve` and waiting for the model to load")
             script = tmp / "report.lua"
             script.write_text(_WRK_SCRIPT)
-            with running_server(tmp / "server.log", tmp / "cache") as url:
+            with running_server(tmp / "server.log", tmp / "cache") as (url, _proc):
                 for n in levels:
                     progress(f"GET {PROBE}: httpx, {n} connection(s), {seconds} s")
                     live[f"httpx c={n}"] = asyncio.run(httpx_load(url, n, seconds))
