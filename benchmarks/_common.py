@@ -283,7 +283,7 @@ class Report:
         print("\n".join(out), flush=True)
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(_clean(self.data), indent=2) + "\n")
+            json_path.write_text(json.dumps(json_safe(self.data), indent=2) + "\n")
         return self.data
 
 
@@ -291,14 +291,14 @@ def _verdict(met: bool | None) -> str:
     return "n/a" if met is None else ("met" if met else "MISSED")
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no NaN: write null."""
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return None
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

@@ -45,7 +45,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _common import free_port, json_safe
 
 BENCH_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "semantic-bench"
 DEFAULT_LLAMACPP_VENV = BENCH_CACHE / "llamacpp-venv"
@@ -207,12 +207,6 @@ def user_turn(tok: Tokenizer, agent: Agent, round_no: int, n_tokens: int) -> str
 # -------------------------------------------------------------------------------------------------
 # Servers
 # -------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -847,20 +841,9 @@ def report_again(path: Path, json_out: Path | None) -> int:
     if json_out:
         payload = json_report(results, summary, res["config"], res["versions"], res["config"].get("quick", False),
                               data.get("seconds", 0.0))
-        json_out.write_text(json.dumps(_clean(payload), indent=1) + "\n")
+        json_out.write_text(json.dumps(json_safe(payload), indent=1) + "\n")
         print(f"\nwrote {json_out}")
     return 0
-
-
-def _clean(value: Any) -> Any:
-    """JSON has no NaN: write null."""
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
 
 
 def _busy_jiffies() -> tuple[int, int] | None:
@@ -1004,7 +987,7 @@ def main() -> int:
                   "seed": args.seed, "sample": args.sample, "load_average_at_start": load_at_start}
         payload = json_report(results, summary, config, vers, args.quick, time.perf_counter() - started)
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_clean(payload), indent=1) + "\n")
+        args.json.write_text(json.dumps(json_safe(payload), indent=1) + "\n")
         print(f"\nwrote {args.json}")
     return 1 if any(r.error for r in results) else 0
 
