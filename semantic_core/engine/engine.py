@@ -757,7 +757,12 @@ class Engine(AgentOperations):
             self._join_decode(ready)
             mx.clear_cache()
 
+    def _prune_groups(self) -> None:
+        """Drop decode groups emptied by finishes, cancellations or preemptions (never extend an empty one)."""
+        self._groups = [g for g in self._groups if len(g) > 0]
+
     def _join_decode(self, seqs: list[_Seq]) -> None:
+        self._prune_groups()
         for seq in seqs:
             seq.uid = next(self._uids)
             seq.phase = "decode"
@@ -842,10 +847,8 @@ class Engine(AgentOperations):
             self._ensure_decode_room(seq)
         if not self._decoding:
             return
-        self._groups = [g for g in self._groups if len(g) > 0]
-        for group in list(self._groups):
-            if len(group) == 0:
-                continue  # emptied by a preemption earlier in this step
+        self._prune_groups()  # making room may have preempted a group's last sequence
+        for group in self._groups:
             t0 = time.perf_counter()
             responses = group.next()
             dt = time.perf_counter() - t0
@@ -857,7 +860,6 @@ class Engine(AgentOperations):
                     continue
                 seq.cache_tokens += 1
                 self._on_token(seq, r, dt)
-        self._groups = [g for g in self._groups if len(g) > 0]
 
     def _ensure_decode_room(self, seq: _Seq) -> None:
         assert self.memory is not None and seq.agent is not None

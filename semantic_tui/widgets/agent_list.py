@@ -66,9 +66,11 @@ Every agent is a conversation with its own KV cache.
                                  ago(a.last_used)]))
         # Explicit widths (the widest cell, as automatic widths would be): DataTable measures automatic
         # widths lazily, and a screen drawn before that showed every cell cut to its header's width.
-        for index, column in enumerate(self.columns.values()):
+        for index, (label, column) in enumerate(zip(self.COLUMNS, self.columns.values(), strict=True)):
             widest = max((Text.from_markup(row[index]).cell_len for _, row in cells), default=0)
-            column.width = max(len(self.COLUMNS[index]), min(widest, self.MAX_NAME_WIDTH if index == 0 else 99))
+            if label == "agent":
+                widest = min(widest, self.MAX_NAME_WIDTH)
+            column.width = max(len(label), widest)
         self.clear()
         for key, row in cells:
             self.add_row(*row, key=key)
