@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup model lint tools serve clean bench
+.PHONY: run test test-random test-reverse setup model lint tools serve clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,17 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
+# The suite runs in file order here (reproducible); test-random and test-reverse check that no test
+# depends on another having run first (pytest-randomly prints its seed: rerun that order with
+# `make test-random PYTEST_ARGS="--randomly-seed=N"`).
 test: model lint tools
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -p no:randomly
+
+test-random: model tools
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-reverse: model tools
+	$(BIN)/pytest -q -p no:randomly --reverse $(PYTEST_ARGS)
 
 bench: model
 	$(BIN)/python benchmarks/run_all.py

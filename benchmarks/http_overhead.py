@@ -234,7 +234,7 @@ def main() -> None:
         devnull = open(os.devnull, "w")  # noqa: SIM115  (held for the whole timing)
         configure_logging("INFO", stream=devnull)
         settings = Settings(agent_cache_dir=tmp / "asgi", server_rate_limit_global=UNLIMITED,
-                            server_rate_limit_per_agent=UNLIMITED)
+                            server_rate_limit_per_client=UNLIMITED)
         apps = build_apps(settings)
         per_call = asyncio.run(time_asgi(apps, rounds, calls))
         configure_logging("WARNING")

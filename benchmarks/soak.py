@@ -139,7 +139,7 @@ def main() -> None:
     report = Report("soak", f"Soak: {args.clients} streaming clients for {seconds:.0f} s on a tight pool", args.quick)
     with tempfile.TemporaryDirectory(prefix="semantic-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        env = {"SEMANTIC_MLX_CACHE_BUDGET_MB": str(args.budget_mb), "SEMANTIC_SERVER_RATE_LIMIT_PER_AGENT": "0",
+        env = {"SEMANTIC_MLX_CACHE_BUDGET_MB": str(args.budget_mb), "SEMANTIC_SERVER_RATE_LIMIT_PER_CLIENT": "0",
                "SEMANTIC_SERVER_RATE_LIMIT_GLOBAL": "0"}
         progress("starting `semantic serve` and waiting for the model to load")
         with running_server(tmp / "server.log", tmp / "cache", env=env) as (url, proc):

@@ -61,7 +61,15 @@ class Settings(BaseSettings):
     server_cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated origins allowed by CORS."
     )
-    server_rate_limit_per_agent: int = Field(60, ge=0, description="Requests per minute per agent (0 = off).")
+    server_rate_limit_per_client: int = Field(
+        120, ge=0,
+        validation_alias=AliasChoices(
+            "SEMANTIC_SERVER_RATE_LIMIT_PER_CLIENT",
+            "SEMANTIC_SERVER_RATE_LIMIT_PER_AGENT",  # the name before limits were per client
+            "server_rate_limit_per_client",
+        ),
+        description="Requests per minute per client: per API key, or per address without keys (0 = off).",
+    )
     server_rate_limit_global: int = Field(1000, ge=0, description="Requests per minute in all (0 = off).")
     server_max_body_mb: float = Field(8.0, gt=0, description="Largest request body accepted, in MB.")
     server_max_queue: int = Field(256, ge=1, description="Waiting requests beyond which the API answers 529.")

@@ -28,7 +28,7 @@ from semantic_core.engine.engine import Engine
 from semantic_core.engine.handle import RequestHandle
 from semantic_core.engine.types import Failed, Finished, GenerationRequest, PrefillProgress, TextDelta
 from semantic_core.errors import SemanticError
-from semantic_core.observability import REQUESTS, configure_logging
+from semantic_core.observability import configure_logging
 from semantic_tui.screens.dialogs import ConfirmScreen, HelpScreen, NewAgentForm, NewAgentScreen, TextPromptScreen
 from semantic_tui.screens.info import InfoScreen, LogScreen
 from semantic_tui.screens.inspector import PoolInspector
@@ -251,13 +251,16 @@ class SemanticApp(App[None]):
             snap = self.engine.snapshot()
         except SemanticError:
             return
-        now = time.monotonic()
-        total = sum(s.value for m in REQUESTS.collect() for s in m.samples if s.name.endswith("_total"))
-        if now - self._requests_at >= 1.0:
-            self._rps = (total - self._requests_seen) / (now - self._requests_at)
-            self._requests_seen, self._requests_at = total, now
+        rps = None
+        if self.server is not None:  # requests of this app's own server, counted in its engine's metrics
+            now = time.monotonic()
+            total = self.engine.metrics.requests_served()
+            if now - self._requests_at >= 1.0:
+                self._rps = (total - self._requests_seen) / (now - self._requests_at)
+                self._requests_seen, self._requests_at = total, now
+            rps = self._rps
         try:
-            self.main_screen.query_one(Gauges).show(snap, self.api_state, self._rps)
+            self.main_screen.query_one(Gauges).show(snap, self.api_state, rps)
             self.main_screen.query_one(AgentList).update_agents(snap.agents, self.current)
         except NoMatches:  # a timer tick that lands while the app tears its widgets down
             return

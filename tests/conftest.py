@@ -13,9 +13,24 @@ from semantic_core.config import Settings, load_settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Settings come from the tests alone: a developer's exported SEMANTIC_* variables or API key would
+# otherwise change what every test sees (the model folder stays: it only says where models are kept).
+for _name in list(os.environ):
+    if (_name.startswith("SEMANTIC_") and _name != "SEMANTIC_MODEL_DIR") or _name == "ANTHROPIC_API_KEY":
+        del os.environ[_name]
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from semantic_core.observability import configure_logging
+
+    configure_logging("WARNING")
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_configured_for_tests():
+    """A test that reconfigures logging (a TUI routes it to its own buffer, a test to a stream) hands
+    the next test the suite's configuration again."""
+    yield
     from semantic_core.observability import configure_logging
 
     configure_logging("WARNING")
@@ -58,7 +73,7 @@ def real_loaded(real_model_dir: Path):
 
 def make_settings(tmp_path: Path, **overrides) -> Settings:
     values = {"agent_cache_dir": tmp_path / "cache", "mlx_model_id": "unused-in-tests", **overrides}
-    return Settings(**values)
+    return Settings(_env_file=None, **values)  # never a .env file of the working directory
 
 
 @pytest.fixture

@@ -200,23 +200,37 @@ def test_auth_refuses_missing_and_wrong_keys_but_probes_stay_open(server_factory
         assert httpx.post(f"{server.url}{path}", json={}).status_code == 401, path
 
 
-def test_rate_limit_per_agent_is_429_with_retry_after(server_factory):
-    server = server_factory(server_rate_limit_per_agent=2)
+def test_rate_limit_per_client_is_429_with_retry_after_and_renaming_agents_does_not_dodge_it(server_factory):
+    server = server_factory(server_rate_limit_per_client=2)
     c = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
-    headers = {"x-agent-id": "limited"}
-    for _ in range(2):
-        c.messages.create(model=MODEL, max_tokens=1, messages=user("hi"), extra_headers=headers)
+    for name in ("limited-1", "limited-2"):
+        c.messages.create(model=MODEL, max_tokens=1, messages=user("hi"), extra_headers={"x-agent-id": name})
+    # A third agent name from the same client is the same client.
     with pytest.raises(anthropic.RateLimitError) as err:
-        c.messages.create(model=MODEL, max_tokens=1, messages=user("hi"), extra_headers=headers)
+        c.messages.create(model=MODEL, max_tokens=1, messages=user("hi"), extra_headers={"x-agent-id": "limited-3"})
     assert int(err.value.response.headers["retry-after"]) >= 1
-    # Another agent is not limited by this one's budget.
-    c.messages.create(model=MODEL, max_tokens=1, messages=user("hi"), extra_headers={"x-agent-id": "other"})
+    assert "client" in err.value.response.json()["error"]["message"]
 
 
 def test_global_rate_limit(server_factory):
-    server = server_factory(server_rate_limit_global=3, server_rate_limit_per_agent=0)
+    server = server_factory(server_rate_limit_global=3, server_rate_limit_per_client=0)
     codes = [httpx.get(f"{server.url}/v1/models").status_code for _ in range(5)]
     assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
+
+
+def test_two_servers_in_one_process_count_only_their_own_requests(server_factory):
+    first, second = server_factory(), server_factory()
+    for _ in range(7):
+        assert httpx.get(f"{first.url}/v1/models").status_code == 200
+
+    def served(server, path: str) -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("semantic_request_total{") and f'path="{path}"' in line)
+
+    assert served(first, "/v1/models") == 7
+    assert served(second, "/v1/models") == 0
+    assert first.engine.metrics.registry is not second.engine.metrics.registry
 
 
 def test_probes(api):

@@ -13,7 +13,7 @@ def test_defaults_are_those_of_a_local_tool(monkeypatch):
     s = Settings(_env_file=None)
     assert s.server_host == "127.0.0.1"
     assert s.server_port == 8000
-    assert s.server_rate_limit_per_agent == 60 and s.server_rate_limit_global == 1000
+    assert s.server_rate_limit_per_client == 120 and s.server_rate_limit_global == 1000
     assert s.mlx_cache_budget_mb == 2048 and s.mlx_prefill_step_size == 512
     assert s.agent_max_agents_in_memory == 100
     assert s.api_keys == []
@@ -42,7 +42,7 @@ def test_every_documented_variable_is_read(monkeypatch, tmp_path):
     s = load_settings()
     assert (s.server_host, s.server_port, s.server_log_level) == ("0.0.0.0", 9123, "PRODUCTION")
     assert s.server_cors_origins == ["http://a.test", "http://b.test"]
-    assert (s.server_rate_limit_per_agent, s.server_rate_limit_global) == (5, 50)
+    assert (s.server_rate_limit_per_client, s.server_rate_limit_global) == (5, 50)
     assert (s.mlx_model_id, s.mlx_cache_budget_mb, s.mlx_max_batch_size, s.mlx_prefill_step_size) == \
         ("org/model", 512, 4, 256)
     assert s.agent_cache_dir == tmp_path and s.agent_max_agents_in_memory == 7

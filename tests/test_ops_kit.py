@@ -1,7 +1,7 @@
 """The operations kit: Prometheus alert rules (checked and unit-tested with promtool), the Grafana
 dashboard, the production runbook and the API reference stay consistent with the code.
 
-Every metric a rule or a panel queries must be registered in `semantic_core.observability.REGISTRY`
+Every metric a rule or a panel queries must be registered in `semantic_core.observability.Metrics`
 (or be one of a few standard names from Prometheus itself and node_exporter), and every alert must
 link to an existing section of the runbook.
 """
@@ -64,10 +64,10 @@ def load_rules() -> list[dict[str, Any]]:
 
 def registered_metric_names() -> set[str]:
     """Every series name the process can expose, as Prometheus sees it (suffixes included)."""
-    from semantic_core.observability import REGISTRY
+    from semantic_core.observability import Metrics
 
     names: set[str] = set()
-    for family in REGISTRY.collect():
+    for family in Metrics().registry.collect():
         base = family.name
         names.update(sample.name for sample in family.samples)
         if family.type == "counter":

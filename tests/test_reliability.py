@@ -28,7 +28,7 @@ def _check_stream(lines: list[str]) -> str:
 async def test_32_streaming_clients_on_a_tight_pool(server_factory, tiny_loaded):
     per_block = 64 * tiny_loaded.info.bytes_per_token
     server = server_factory(mlx_cache_budget_mb=24 * per_block / (1024 * 1024), mlx_max_batch_size=8,
-                            server_rate_limit_per_agent=0, server_rate_limit_global=0)
+                            server_rate_limit_per_client=0, server_rate_limit_global=0)
     capacity = server.engine.pool.capacity
     seen: list[tuple[int, int]] = []
     server.engine.add_listener(lambda s: seen.append((s.pool_used, s.pool_capacity)))

@@ -4,12 +4,11 @@ logs; the default bind is loopback; agent ids cannot escape the cache folder."""
 from __future__ import annotations
 
 import io
-import logging
 import re
 
 import httpx
 
-from semantic_core.observability import configure_logging
+from semantic_core.observability import configure_logging, flush_logging
 
 KEYS = "sk-first-secret-0001,sk-second-secret-0002"
 OPEN = ("/health/live", "/health/ready", "/health/startup", "/metrics")
@@ -46,7 +45,7 @@ def test_api_keys_never_appear_in_logs(server_factory):
             httpx.post(f"{server.url}/v1/messages", headers=headers, json={
                 "model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
             httpx.get(f"{server.url}/v1/agents", headers=headers)
-        logging.getLogger().handlers[0].flush()
+        flush_logging()
     finally:
         configure_logging("WARNING")
     text = stream.getvalue()

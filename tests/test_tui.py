@@ -273,3 +273,36 @@ async def test_real_model_answer_streams_into_the_chat(tmp_path, real_loaded):
         assert len({n for n in lengths if 0 < n < len(final)}) >= 2, "the text should appear piece by piece"
         stats = str(answer.query_one(".stats").render())
         assert "ttft" in stats and "tok/s" in stats
+
+
+async def test_request_rate_is_its_own_servers_and_absent_without_a_server(tmp_path, tiny_loaded, server_factory):
+    """Another server in the same process served requests: a TUI without an API shows no rate at
+    all, and a TUI with its own API counts only the requests its server answered."""
+    import socket
+
+    other = server_factory()
+    for _ in range(20):
+        assert httpx.get(f"{other.url}/v1/models").status_code == 200
+
+    def api_text(app) -> str:
+        return str(app.query_one("#api-text").render())
+
+    app = app_for(tmp_path, tiny_loaded)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await until(pilot, lambda: "off" in api_text(app))
+        await pilot.pause(1.2)  # past one rate window
+        assert "req/s" not in api_text(app)
+        await pilot.press("ctrl+q")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    served = app_for(tmp_path / "second", tiny_loaded, serve_api=True, server_port=port)
+    async with served.run_test(size=SIZE) as pilot:
+        await ready(pilot, served)
+        await until(pilot, lambda: "req/s" in api_text(served))
+        await pilot.pause(1.2)
+        assert "0.0 req/s" in api_text(served)  # the other server's 20 requests are not its own
+        assert served.engine.metrics.requests_served() == 0
+        await pilot.press("ctrl+q")

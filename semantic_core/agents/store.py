@@ -40,15 +40,7 @@ from semantic_core.errors import (
     ModelMismatch,
     StorageError,
 )
-from semantic_core.observability import (
-    DISK_BYTES,
-    LOAD_SECONDS,
-    LOADS,
-    QUARANTINED,
-    SAVE_SECONDS,
-    SAVES,
-    get_logger,
-)
+from semantic_core.observability import Metrics, get_logger
 
 log = get_logger("semantic.agents")
 
@@ -113,7 +105,9 @@ class AgentStore:
         model_id: str,
         block_tokens: int,
         new_cache: Callable[[], list[Any]],
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.agents_dir = agents_dir
         self._new_cache = new_cache
         self.quarantine_dir = quarantine_dir
@@ -310,15 +304,15 @@ class AgentStore:
             version, size, seconds = fut.result()
         except Exception as exc:
             agent.save_error = str(exc)
-            SAVES.labels("error").inc()
+            self.metrics.saves.labels("error").inc()
             log.error("agent save failed; the previous file is intact", agent=agent.id, error=str(exc))
             return
         agent.save_error = None
         agent.saved_version = max(agent.saved_version, version)
         agent.disk_bytes = size
         self.saves_total += 1
-        SAVES.labels("ok").inc()
-        SAVE_SECONDS.observe(seconds)
+        self.metrics.saves.labels("ok").inc()
+        self.metrics.save_seconds.observe(seconds)
         self._update_disk_gauge()
 
     def _snapshot(self, agent: Agent) -> disk.LayerArrays:
@@ -363,20 +357,20 @@ class AgentStore:
         except ModelMismatch:
             agent.compatible = False
             self.index.remove(agent.id)
-            LOADS.labels("mismatch").inc()
+            self.metrics.loads.labels("mismatch").inc()
             raise
         except disk.CorruptAgentFile as exc:
             path = disk.agent_path(self.agents_dir, agent.id)
             self._quarantine(path, agent.id, str(exc))
             raise AgentDamaged(f"agent {agent.id!r} failed verification and was quarantined: {exc}") from exc
         except FileNotFoundError as exc:
-            LOADS.labels("error").inc()
+            self.metrics.loads.labels("error").inc()
             raise StorageError(f"the file of agent {agent.id!r} is gone: {exc}") from exc
         agent.cache = self.to_cache(layers) if layers else self._new_cache()
         agent.tokens = header.tokens
         self.loads_total += 1
-        LOADS.labels("ok").inc()
-        LOAD_SECONDS.observe(seconds)
+        self.metrics.loads.labels("ok").inc()
+        self.metrics.load_seconds.observe(seconds)
 
     def load(self, agent: Agent) -> None:
         self.finish_load(agent, self.read_async(agent))
@@ -402,7 +396,7 @@ class AgentStore:
         if path.exists():
             target = disk.quarantine(path, self.quarantine_dir, reason)
         self.quarantined_total += 1
-        QUARANTINED.inc()
+        self.metrics.quarantined.inc()
         log.error("agent file failed verification and was quarantined", agent=agent_id, reason=reason,
                   moved_to=str(target) if target else None)
         agent = self._agents.get(agent_id)
@@ -424,4 +418,4 @@ class AgentStore:
         return sum(a.disk_bytes for a in self._agents.values() if a.on_disk)
 
     def _update_disk_gauge(self) -> None:
-        DISK_BYTES.set(self.disk_bytes())
+        self.metrics.disk_bytes.set(self.disk_bytes())

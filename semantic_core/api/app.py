@@ -63,15 +63,15 @@ def create_app(engine: Engine, settings: Settings, *, owns_engine: bool = False)
 
     # Added innermost first: the request passes RequestID first and the body limit last.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=int(settings.server_max_body_mb * 1024 * 1024))
-    app.add_middleware(RateLimitMiddleware, per_agent=settings.server_rate_limit_per_agent,
-                       global_=settings.server_rate_limit_global)
+    app.add_middleware(RateLimitMiddleware, per_client=settings.server_rate_limit_per_client,
+                       global_=settings.server_rate_limit_global, metrics=engine.metrics)
     app.add_middleware(AuthMiddleware, keys=settings.api_keys)
     if settings.server_cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.server_cors_origins, allow_methods=["*"], allow_headers=["*"],
             expose_headers=["request-id", "x-agent-id", "x-response-time", "retry-after"],
         )
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(MetricsMiddleware, metrics=engine.metrics)
     app.add_middleware(AccessLogMiddleware)
     app.add_middleware(RequestIDMiddleware)
     return app

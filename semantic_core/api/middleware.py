@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from semantic_core.api.schemas import error_body
-from semantic_core.observability import RATE_LIMITED, REQUEST_DURATION, REQUESTS, REQUESTS_IN_FLIGHT, get_logger
+from semantic_core.observability import Metrics, get_logger
 
 log = get_logger("semantic.http")
 
@@ -97,6 +97,7 @@ class AccessLogMiddleware:
             fields: dict[str, Any] = {
                 "method": scope["method"], "path": scope["path"], "status": status,
                 "duration_ms": round((time.perf_counter() - start) * 1000, 2),
+                "client": (scope.get("client") or ("?",))[0],
             }
             if agent:
                 fields["agent"] = agent
@@ -104,10 +105,12 @@ class AccessLogMiddleware:
 
 
 class MetricsMiddleware:
-    """semantic_request_total and semantic_request_duration_seconds, labelled by route template."""
+    """semantic_request_total and semantic_request_duration_seconds, labelled by route template,
+    counted in the metrics of the engine this app serves."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -122,16 +125,16 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        REQUESTS_IN_FLIGHT.inc()
+        self.metrics.requests_in_flight.inc()
         try:
             await self.app(scope, receive, capture)
         finally:
-            REQUESTS_IN_FLIGHT.dec()
+            self.metrics.requests_in_flight.dec()
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             method = scope["method"]
-            REQUESTS.labels(method, path, str(status)).inc()
-            REQUEST_DURATION.labels(method, path).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(method, path, str(status)).inc()
+            self.metrics.request_duration.labels(method, path).observe(time.perf_counter() - start)
 
 
 class AuthMiddleware:
@@ -213,32 +216,33 @@ class TokenBuckets:
 
 
 class RateLimitMiddleware:
-    """Per agent (X-Agent-ID, else the API key, else the client address) and global, per minute.
-    429 rate_limit_error with retry-after. 0 disables a limit."""
+    """Requests per minute per client and in all; 429 rate_limit_error with retry-after; 0 disables.
 
-    def __init__(self, app: ASGIApp, per_agent: int, global_: int) -> None:
+    A client is its API key when keys are set, else its address. Never the X-Agent-ID header: the
+    client chooses it, so a limit keyed on it is dodged by renaming agents."""
+
+    def __init__(self, app: ASGIApp, per_client: int, global_: int, metrics: Metrics) -> None:
         self.app = app
-        self.per_agent = TokenBuckets(per_agent) if per_agent > 0 else None
+        self.metrics = metrics
+        self.per_client = TokenBuckets(per_client) if per_client > 0 else None
         self.global_ = TokenBuckets(global_) if global_ > 0 else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/") or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        headers = Headers(scope=scope)
-        agent = headers.get("x-agent-id")
         state = scope.get("state", {})
-        key = f"agent:{agent}" if agent else f"key:{state.get('api_key_id')}" if state.get("api_key_id") else (
-            f"addr:{scope.get('client', ('?',))[0]}")
+        key_id = state.get("api_key_id")
+        client = f"key:{key_id}" if key_id else f"addr:{(scope.get('client') or ('?',))[0]}"
         wait, scope_name = 0.0, ""
         if self.global_ is not None:
             wait, scope_name = self.global_.take("global"), "global"
-        if not wait and self.per_agent is not None:
-            wait, scope_name = self.per_agent.take(key), "agent"
+        if not wait and self.per_client is not None:
+            wait, scope_name = self.per_client.take(client), "key" if key_id else "client"
         if wait:
-            RATE_LIMITED.labels(scope_name).inc()
+            self.metrics.rate_limited.labels(scope_name).inc()
             retry = max(1, math.ceil(wait))
-            what = "the server's" if scope_name == "global" else "this agent's"
+            what = {"global": "the server's", "key": "this API key's", "client": "this client's"}[scope_name]
             response = error_response(
                 429, "rate_limit_error",
                 f"rate limit exceeded ({what} requests per minute); retry after {retry} s",

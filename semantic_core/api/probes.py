@@ -13,7 +13,6 @@ from semantic_core.api.messages import check_model
 from semantic_core.api.schemas import ModelInfoOut, ModelList
 from semantic_core.engine.engine import Engine
 from semantic_core.errors import EngineStopped
-from semantic_core.observability import REGISTRY
 
 router = APIRouter()
 
@@ -50,8 +49,9 @@ async def ready(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics")
-async def metrics() -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _model_out(engine: Engine) -> ModelInfoOut:

@@ -76,21 +76,7 @@ from semantic_core.errors import (
     StorageError,
 )
 from semantic_core.model.loader import LoadedModel, ModelInfo
-from semantic_core.observability import (
-    AGENTS,
-    AGENTS_ACTIVE,
-    BATCH_SIZE,
-    CACHE_HITS,
-    GENERATIONS,
-    POOL_BLOCKS,
-    POOL_UTILIZATION,
-    QUEUE_DEPTH,
-    READY,
-    TIME_TO_FIRST_TOKEN,
-    TOKENS,
-    TOKENS_PER_SECOND,
-    get_logger,
-)
+from semantic_core.observability import Metrics, get_logger
 
 log = get_logger("semantic.engine")
 T = TypeVar("T")
@@ -159,6 +145,8 @@ class _Seq:
 class Engine(AgentOperations):
     def __init__(self, settings: Settings, loaded: LoadedModel | None = None) -> None:
         self.settings = settings
+        # This engine's metrics (and its API's): never shared with another engine in the process.
+        self.metrics = Metrics()
         self._loaded = loaded
         self._inbox: deque[Any] = deque()
         self._wake = threading.Event()
@@ -236,7 +224,7 @@ class Engine(AgentOperations):
             return
         self._post(("stop", save))
         self._stopped.wait(timeout)
-        READY.set(0)
+        self.metrics.ready.set(0)
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -359,7 +347,7 @@ class Engine(AgentOperations):
             log.exception("engine loop crashed")
             self._fail_everything(exc)
         finally:
-            READY.set(0)
+            self.metrics.ready.set(0)
             self._groups = []
             # Work queued with async_eval must finish before this thread ends, or MLX's stream
             # threads are torn down at exit with work in flight (a C++ terminate).
@@ -383,9 +371,10 @@ class Engine(AgentOperations):
         self.store = AgentStore(
             s.agents_dir, s.quarantine_dir, fingerprint=self.info.fingerprint,
             model_id=self.info.model_id, block_tokens=s.mlx_block_tokens, new_cache=self._new_cache,
+            metrics=self.metrics,
         )
         self.store.scan()
-        self.memory = MemoryManager(self.pool, self.store, s.agent_max_agents_in_memory)
+        self.memory = MemoryManager(self.pool, self.store, s.agent_max_agents_in_memory, self.metrics)
         self._detok_factory = make_detokenizer_factory(self.tokenizer)
         self._eos_stops = StopSequences([(t,) for t in sorted(self.tokenizer.eos_token_ids)])
         log.info(
@@ -712,8 +701,8 @@ class Engine(AgentOperations):
             self.tokens_computed += computed
             agent.reused_tokens += reused
             agent.computed_tokens += computed
-            TOKENS.labels("reused").inc(reused)
-            CACHE_HITS.labels("hit" if reused > 0 else "miss").inc()
+            self.metrics.tokens.labels("reused").inc(reused)
+            self.metrics.cache_hits.labels("hit" if reused > 0 else "miss").inc()
             if not seq.started_event_sent:
                 seq.started_event_sent = True
                 seq.handle._push(Started(agent.id, len(req.tokens), reused, seq.created_agent))
@@ -743,7 +732,7 @@ class Engine(AgentOperations):
             dt = time.perf_counter() - t0
             seq.prefill_seconds += dt
             self._prefill_rate.add(n, dt)
-            TOKENS.labels("prefill").inc(n)
+            self.metrics.tokens.labels("prefill").inc(n)
             seq.cursor += n
             budget -= n
             seq.handle._push(PrefillProgress(seq.cursor, len(seq.prompt)))
@@ -853,7 +842,7 @@ class Engine(AgentOperations):
             responses = group.next()
             dt = time.perf_counter() - t0
             self._decode_rate.add(len(responses), dt)
-            TOKENS.labels("decode").inc(len(responses))
+            self.metrics.tokens.labels("decode").inc(len(responses))
             for r in responses:
                 seq = self._decoding.get(r.uid)
                 if seq is None:
@@ -916,7 +905,7 @@ class Engine(AgentOperations):
         now = time.monotonic()
         if seq.first_token_at is None:
             seq.first_token_at = now
-            TIME_TO_FIRST_TOKEN.observe(now - seq.submitted)
+            self.metrics.time_to_first_token.observe(now - seq.submitted)
         seq.generated.append(int(r.token))
         if r.finish_reason == "stop":  # an end-of-turn token: not part of the text
             self._finish(seq, "end_turn", None, r.prompt_cache, list(r.all_tokens))
@@ -974,7 +963,7 @@ class Engine(AgentOperations):
         self._release_claim(seq)
         if self.settings.agent_save_on_finish:
             self._save_quietly(agent)
-        GENERATIONS.labels(reason).inc()
+        self.metrics.generations.labels(reason).inc()
         seq.phase = "done"
         self._snapshot_dirty = True
         seq.handle._push(Finished(result))
@@ -1051,7 +1040,7 @@ class Engine(AgentOperations):
             stop_sequence=None, usage=Usage(len(seq.prompt), 0, 0, 0), time_to_first_token=None,
             prefill_seconds=seq.prefill_seconds, decode_seconds=0.0, queued_seconds=now - seq.submitted,
         )
-        GENERATIONS.labels("cancelled").inc()
+        self.metrics.generations.labels("cancelled").inc()
         seq.handle._push(Finished(result))
 
     def _fail(self, seq: _Seq, exc: Exception) -> None:
@@ -1122,18 +1111,18 @@ class Engine(AgentOperations):
             block_map=self.pool.block_map(),
         )
         self._snapshot = snap
-        POOL_UTILIZATION.set(snap.utilization)
-        POOL_BLOCKS.labels("used").set(stats.used)
-        POOL_BLOCKS.labels("free").set(stats.free)
-        POOL_BLOCKS.labels("shared").set(stats.shared)
+        self.metrics.pool_utilization.set(snap.utilization)
+        self.metrics.pool_blocks.labels("used").set(stats.used)
+        self.metrics.pool_blocks.labels("free").set(stats.free)
+        self.metrics.pool_blocks.labels("shared").set(stats.shared)
         for tier in ("hot", "cold", "damaged"):
-            AGENTS.labels(tier).set(sum(1 for a in agents if a.tier == tier))
-        AGENTS_ACTIVE.set(len(self._active_agents))
-        READY.set(1 if snap.can_serve and not self._stopping else 0)
-        BATCH_SIZE.set(len(self._decoding))
-        QUEUE_DEPTH.set(len(self._waiting))
-        TOKENS_PER_SECOND.labels("prefill").set(prefill_tps)
-        TOKENS_PER_SECOND.labels("decode").set(decode_tps)
+            self.metrics.agents.labels(tier).set(sum(1 for a in agents if a.tier == tier))
+        self.metrics.agents_active.set(len(self._active_agents))
+        self.metrics.ready.set(1 if snap.can_serve and not self._stopping else 0)
+        self.metrics.batch_size.set(len(self._decoding))
+        self.metrics.queue_depth.set(len(self._waiting))
+        self.metrics.tokens_per_second.labels("prefill").set(prefill_tps)
+        self.metrics.tokens_per_second.labels("decode").set(decode_tps)
         for fn in list(self._listeners):
             try:
                 fn(snap)

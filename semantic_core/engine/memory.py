@@ -18,13 +18,14 @@ from collections.abc import Iterable
 from semantic_core.agents.store import Agent, AgentStore
 from semantic_core.engine.block_pool import BlockPool
 from semantic_core.errors import PoolExhausted, StorageError
-from semantic_core.observability import EVICTIONS, get_logger
+from semantic_core.observability import Metrics, get_logger
 
 log = get_logger("semantic.memory")
 
 
 class MemoryManager:
-    def __init__(self, pool: BlockPool, store: AgentStore, max_hot: int) -> None:
+    def __init__(self, pool: BlockPool, store: AgentStore, max_hot: int, metrics: Metrics) -> None:
+        self.metrics = metrics
         self.pool = pool
         self.store = store
         self.max_hot = max_hot
@@ -119,7 +120,7 @@ class MemoryManager:
         self.release(agent)
         agent.cache = None
         self.evictions += 1
-        EVICTIONS.labels(reason).inc()
+        self.metrics.evictions.labels(reason).inc()
         log.info("agent evicted", agent=agent.id, reason=reason, tokens=len(agent.tokens))
 
     # Forks ---------------------------------------------------------------------------------------

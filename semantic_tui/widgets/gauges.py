@@ -47,7 +47,8 @@ class Gauges(VerticalScroll):
         yield Static("", id="disk-text")
         yield Static("", id="api-text")
 
-    def show(self, snap: EngineSnapshot, api: str, requests_per_second: float) -> None:
+    def show(self, snap: EngineSnapshot, api: str, requests_per_second: float | None) -> None:
+        """`requests_per_second`: of this app's own embedded server; None when it serves no API."""
         if not self.query("#api-text"):
             return  # not composed yet
         pool = self.query_one("#pool-bar", ProgressBar)
@@ -73,4 +74,5 @@ class Gauges(VerticalScroll):
             f"Queue [b]{snap.waiting}[/] · running {snap.running + snap.prefilling}")
         self.query_one("#disk-text", Static).update(
             f"Disk {human_bytes(snap.disk_bytes)} · evicted {snap.evictions}")
-        self.query_one("#api-text", Static).update(f"API {api}\n{requests_per_second:.1f} req/s")
+        rate = "" if requests_per_second is None else f"\n{requests_per_second:.1f} req/s"
+        self.query_one("#api-text", Static).update(f"API {api}{rate}")
