@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     server_max_body_mb: float = Field(8.0, gt=0, description="Largest request body accepted, in MB.")
     server_max_queue: int = Field(256, ge=1, description="Waiting requests beyond which the API answers 529.")
     server_drain_seconds: float = Field(30.0, ge=0, description="Graceful shutdown: wait for in-flight requests.")
+    server_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated Host header values accepted (besides loopback names and the bind "
+        "address); '*' accepts any. Refusing other hosts stops DNS-rebinding pages from reading agents.",
+    )
     server_model_aliases: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["claude-*"],
         description="Comma-separated model names (fnmatch patterns) also served by the loaded model, so "
@@ -115,6 +120,14 @@ class Settings(BaseSettings):
         default_factory=lambda: cache_root(), description="Where agents and their KV caches are saved."
     )
     agent_max_agents_in_memory: int = Field(100, ge=1, description="Hot agents at most.")
+    agent_max_agents: int = Field(
+        10_000, ge=1,
+        description="Agents at most (hot and on disk). When full, the least recently used agent created "
+        "without a name is recycled for a new one; named agents are never recycled (a clear 400 instead).",
+    )
+    agent_max_system_prompt_chars: int = Field(
+        200_000, ge=1, description="Longest system prompt an agent stores, in characters."
+    )
     agent_save_on_finish: bool = Field(
         True, description="Write an agent to disk after every turn (crash-safe), not only on eviction."
     )
@@ -126,7 +139,7 @@ class Settings(BaseSettings):
         description="Comma-separated API keys; unset means no authentication.",
     )
 
-    @field_validator("server_cors_origins", "server_model_aliases", mode="before")
+    @field_validator("server_cors_origins", "server_model_aliases", "server_allowed_hosts", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -161,6 +174,16 @@ class Settings(BaseSettings):
         if self.anthropic_api_key is None:
             return []
         return [k.strip() for k in self.anthropic_api_key.get_secret_value().split(",") if k.strip()]
+
+    @property
+    def allowed_hosts(self) -> set[str]:
+        """Host names (without port) the API answers to: loopback names, the bind address, and
+        SEMANTIC_SERVER_ALLOWED_HOSTS. Contains '*' when any host is accepted."""
+        hosts = {"localhost", "127.0.0.1", "::1"}
+        if self.server_host not in ("0.0.0.0", "::", ""):
+            hosts.add(self.server_host.strip("[]").lower())
+        hosts.update(h.strip().strip("[]").lower() for h in self.server_allowed_hosts if h.strip())
+        return hosts
 
     @property
     def agents_dir(self) -> Path:

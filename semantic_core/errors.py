@@ -18,9 +18,10 @@ class InvalidRequest(SemanticError):
 
 
 class PromptTooLong(InvalidRequest):
-    def __init__(self, prompt_tokens: int, limit: int, what: str = "prompt") -> None:
+    def __init__(self, prompt_tokens: int, limit: int, what: str = "prompt", *, estimated: bool = False) -> None:
+        at_least = "at least " if estimated else ""
         super().__init__(
-            f"{what} is {prompt_tokens} tokens, over the model's context limit of {limit} tokens"
+            f"{what} is {at_least}{prompt_tokens} tokens, over the model's context limit of {limit} tokens"
         )
         self.prompt_tokens = prompt_tokens
         self.limit = limit
@@ -37,9 +38,13 @@ class AgentNotFound(SemanticError):
 class AgentExists(SemanticError):
     kind = "invalid_request_error"
 
-    def __init__(self, agent_id: str) -> None:
-        super().__init__(f"agent {agent_id!r} already exists")
+    def __init__(self, agent_id: str, message: str | None = None) -> None:
+        super().__init__(message or f"agent {agent_id!r} already exists")
         self.agent_id = agent_id
+
+
+class StoreFull(InvalidRequest):
+    """SEMANTIC_AGENT_MAX_AGENTS agents exist and none may be recycled."""
 
 
 class AgentBusy(SemanticError):
@@ -98,6 +103,12 @@ class UnsupportedModel(ModelLoadError):
 
 class StorageError(SemanticError):
     """Writing an agent to disk failed (disk full, permissions); the previous file is intact."""
+
+    kind = "api_error"
+
+
+class EngineFault(SemanticError):
+    """An unexpected error while serving one request; the engine contained it and goes on."""
 
     kind = "api_error"
 

@@ -348,6 +348,9 @@ class SemanticApp(App[None]):
                     answer.show_prefill(event.done, event.total)
                 elif isinstance(event, Finished):
                     answer.finish(event.result)
+                    if not event.result.turn_saved:
+                        self.notify(f"This answer could not be saved to disk: {event.result.save_error}",
+                                    title="Not saved", severity="error", timeout=15)
                 elif isinstance(event, Failed):
                     message = event.error.message if isinstance(event.error, SemanticError) else str(event.error)
                     self.notify(message, title="Generation failed", severity="error", timeout=15)

@@ -264,10 +264,10 @@ def test_agents_api(api):
     assert got["tokens"] > 0 and [m["role"] for m in got["history"]] == ["user", "assistant"]
     assert httpx.patch(f"{base}/helper", json={"display_name": "Kind helper"}).json()["display_name"] == \
         "Kind helper"
-    assert httpx.post(f"{base}/helper/save").json()["saved"] is True
-    assert httpx.post(f"{base}/helper/evict").json()["tier"] == "cold"
-    assert httpx.post(f"{base}/helper/pin").json()["tier"] == "hot"
-    assert httpx.post(f"{base}/helper/unpin").json()["pinned"] is False
+    assert httpx.post(f"{base}/helper/save", json={}).json()["saved"] is True
+    assert httpx.post(f"{base}/helper/evict", json={}).json()["tier"] == "cold"
+    assert httpx.post(f"{base}/helper/pin", json={}).json()["tier"] == "hot"
+    assert httpx.post(f"{base}/helper/unpin", json={}).json()["pinned"] is False
     fork = httpx.post(f"{base}/helper/fork", json={"id": "helper-2"})
     assert fork.status_code == 201 and fork.json()["forked_from"] == "helper"
     listed = httpx.get(base).json()

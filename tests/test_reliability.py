@@ -70,7 +70,7 @@ async def test_32_streaming_clients_on_a_tight_pool(server_factory, tiny_loaded)
     # Every agent is intact: hot ones in memory, the others on disk and loadable.
     for info in snap.agents:
         assert info.damaged is None and (info.tier == "hot" or info.on_disk)
-    r = httpx.post(f"{server.url}/v1/agents/load-0/load")
+    r = httpx.post(f"{server.url}/v1/agents/load-0/load", json={})
     assert r.status_code == 200 and r.json()["tier"] == "hot"
 
 
@@ -83,7 +83,7 @@ async def test_ready_probe_is_503_when_the_pool_is_stuck_full(server_factory, ti
                 "messages": [{"role": "user", "content": "fill the pool " * 8}]}
         r = await http.post("/v1/messages", json=body, headers={"x-agent-id": "hog"})
         assert r.status_code == 200
-        assert (await http.post("/v1/agents/hog/pin")).status_code == 200
+        assert (await http.post("/v1/agents/hog/pin", json={})).status_code == 200
         assert (await http.get("/health/ready")).status_code == 200 or True
         snap = server.engine.snapshot(fresh=True)
         if snap.pool_used < snap.pool_capacity:
@@ -93,5 +93,5 @@ async def test_ready_probe_is_503_when_the_pool_is_stuck_full(server_factory, ti
         busy = await http.post("/v1/messages", json={**body, "max_tokens": 2}, headers={"x-agent-id": "other"})
         assert busy.status_code == 529 and busy.json()["error"]["type"] == "overloaded_error"
         assert "pinned" in busy.json()["error"]["message"]
-        assert (await http.post("/v1/agents/hog/unpin")).status_code == 200
+        assert (await http.post("/v1/agents/hog/unpin", json={})).status_code == 200
         assert (await http.get("/health/ready")).status_code == 200

@@ -11,7 +11,7 @@ from typing import Any
 from semantic_core.errors import InvalidAgentId
 
 # Ids name files, so they are restricted to a safe alphabet: no separators, no leading dot, bounded.
-AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+AGENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 _ADJECTIVES = ("amber", "brisk", "calm", "deft", "eager", "fuzzy", "gentle", "hazel", "ivory", "jolly",
                "keen", "lucid", "mellow", "nimble", "olive", "plucky", "quiet", "rusty", "sunny", "tidy")
@@ -20,7 +20,8 @@ _NOUNS = ("otter", "falcon", "badger", "heron", "lynx", "marten", "newt", "ospre
 
 
 def validate_agent_id(agent_id: str) -> str:
-    if not isinstance(agent_id, str) or not AGENT_ID_RE.match(agent_id) or ".." in agent_id:
+    # fullmatch: `$` would also accept a trailing newline.
+    if not isinstance(agent_id, str) or not AGENT_ID_RE.fullmatch(agent_id) or ".." in agent_id:
         raise InvalidAgentId(
             f"invalid agent id {agent_id!r}: use 1-64 letters, digits, '_', '-' or '.', "
             "starting with a letter or digit"
@@ -61,6 +62,11 @@ class AgentRecord:
     # Cached tokens before the last answer began: a request that contains all of them is the same
     # conversation resent (its copy of the answer may tokenize differently), not a new one.
     reply_start: int = 0
+    # Bumped at every finished turn: tells which of an agent's file and its turn journal is newer.
+    revision: int = 0
+    # Created for a request that named no agent (a stateless client's conversation): such agents
+    # are recycled, least recently used first, when the store is full; named agents never are.
+    implicit: bool = False
 
     @property
     def name(self) -> str:

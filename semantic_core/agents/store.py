@@ -19,6 +19,7 @@ engine hands the agent's tensors to the writer, so evicting an agent later costs
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ from semantic_core.errors import (
     AgentNotFound,
     ModelMismatch,
     StorageError,
+    StoreFull,
 )
 from semantic_core.observability import Metrics, get_logger
 
@@ -64,6 +66,10 @@ class Agent:
     # Cache statistics for the gauges: tokens reused vs recomputed over this agent's life.
     reused_tokens: int = 0
     computed_tokens: int = 0
+    # A cold agent's conversation stays on disk (its file or turn journal), not in memory: only the
+    # count is kept. It is read back when the agent is loaded, or asked for.
+    messages_loaded: bool = True
+    message_count: int = 0
 
     @property
     def id(self) -> str:
@@ -93,6 +99,8 @@ class Agent:
 
     def changed(self) -> None:
         self.version += 1
+        if self.messages_loaded:
+            self.message_count = len(self.record.messages)
 
 
 class AgentStore:
@@ -106,8 +114,12 @@ class AgentStore:
         block_tokens: int,
         new_cache: Callable[[], list[Any]],
         metrics: Metrics | None = None,
+        geometry: disk.KVGeometry | None = None,
+        max_agents: int = 0,
     ) -> None:
         self.metrics = metrics or Metrics()
+        self.geometry = geometry
+        self.max_agents = max_agents  # 0: no limit
         self.agents_dir = agents_dir
         self._new_cache = new_cache
         self.quarantine_dir = quarantine_dir
@@ -115,8 +127,12 @@ class AgentStore:
         self.model_id = model_id
         self.index = PrefixIndex(block_tokens)
         self._agents: dict[str, Agent] = {}
+        self._folded: dict[str, str] = {}  # lower-cased id -> id: ids are unique ignoring case
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-writer")
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-reader")
+        # Turn journals are small and hold answers back until they are durable: they never wait
+        # behind a large tensor write.
+        self._journal = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-journal")
         self.quarantined_total = 0
         self.saves_total = 0
         self.loads_total = 0
@@ -132,21 +148,123 @@ class AgentStore:
         for path in sorted(self.agents_dir.glob(f"*{disk.SUFFIX}")):
             try:
                 header = disk.read_header(path)
+                if header.fingerprint == self.fingerprint and self.geometry is not None:
+                    self.geometry.check_tokens(header.tokens)
+                    if header.shapes is not None:
+                        self.geometry.check_shapes(header.shapes, len(header.tokens))
             except disk.CorruptAgentFile as exc:
                 self._quarantine(path, path.stem, str(exc))
                 continue
             agent = Agent(record=header.record, tokens=header.tokens, disk_bytes=header.size_bytes)
             agent.saved_version = agent.version
             agent.compatible = header.fingerprint == self.fingerprint
-            self._agents[agent.id] = agent
+            self._register(agent)
             if agent.compatible:
                 self.index.set(agent.id, agent.tokens)
+        for path in sorted(self.agents_dir.glob(f"*{disk.JOURNAL_SUFFIX}")):
+            self._apply_journal(path)
+        for agent in self._agents.values():
+            self._drop_messages(agent)
         self._update_disk_gauge()
         log.info("agent store ready", agents=len(self._agents), folder=str(self.agents_dir))
 
+    def _apply_journal(self, path: Path) -> None:
+        """A turn journal newer than its agent's file supplies the record (the conversation)."""
+        try:
+            record, fingerprint = disk.read_journal(path)
+        except disk.CorruptAgentFile as exc:
+            log.error("a turn journal failed verification and was quarantined", file=path.name, reason=str(exc))
+            disk.quarantine(path, self.quarantine_dir, str(exc))
+            self.quarantined_total += 1
+            self.metrics.quarantined.inc()
+            return
+        agent = self._agents.get(record.id)
+        if agent is not None and agent.damaged and record.revision > 0:
+            # Its file was quarantined, but the conversation survives in the journal: keep the agent,
+            # with no cache (the next turn computes it).
+            log.warning("agent recovered from its turn journal; its cache will be recomputed", agent=record.id)
+            self.unregister(agent)
+            agent = None
+        if agent is None:
+            # The agent's first turn: its tensors were never written. Its conversation is all there is.
+            agent = Agent(record=record, tokens=[])
+            agent.compatible = fingerprint == self.fingerprint
+            self._register(agent)
+            return
+        if agent.damaged or record.revision <= agent.record.revision:
+            disk.remove_journal_if_covered(path, agent.record.revision)
+            return
+        agent.record = record
+        agent.changed()  # the file holds an older record: dirty, so it is written again when hot
+        agent.message_count = len(record.messages)
+
+    def _register(self, agent: Agent) -> None:
+        self._agents[agent.id] = agent
+        self._folded.setdefault(agent.id.lower(), agent.id)
+        agent.message_count = len(agent.record.messages)
+
+    def _drop_messages(self, agent: Agent) -> None:
+        """Cold agents keep their conversation on disk only (bounded memory with many agents)."""
+        if agent.hot or agent.damaged or not agent.messages_loaded:
+            return
+        if agent.dirty and not agent.on_disk and agent.record.messages:
+            return  # nowhere to read it back from yet
+        agent.message_count = len(agent.record.messages)
+        agent.record.messages = []
+        agent.messages_loaded = False
+
+    def load_messages(self, agent: Agent) -> list[dict[str, Any]]:
+        """The agent's conversation, read from disk if it is not in memory (engine thread)."""
+        if agent.messages_loaded:
+            return agent.record.messages
+        record = self._record_on_disk(agent)
+        return record.messages if record is not None else []
+
+    def _record_on_disk(self, agent: Agent) -> AgentRecord | None:
+        """The newest record on disk: the turn journal's if it is newer than the file's."""
+        best: AgentRecord | None = None
+        try:
+            best = disk.read_header(disk.agent_path(self.agents_dir, agent.id)).record
+        except (disk.CorruptAgentFile, OSError):
+            best = None
+        jpath = disk.journal_path(self.agents_dir, agent.id)
+        if jpath.exists():
+            try:
+                record, _ = disk.read_journal(jpath)
+                if best is None or record.revision > best.revision:
+                    best = record
+            except disk.CorruptAgentFile:
+                pass
+        return best
+
+    def _restore_messages(self, agent: Agent) -> None:
+        if agent.messages_loaded:
+            return
+        record = self._record_on_disk(agent)
+        agent.record.messages = list(record.messages) if record is not None else []
+        agent.messages_loaded = True
+        agent.message_count = len(agent.record.messages)
+
+    def reset_to_disk(self, agent: Agent) -> None:
+        """After a failure: forget the agent's in-memory cache state; it continues from its file."""
+        self._wait_pending(agent)
+        agent.cache = None
+        tokens: list[int] = []
+        if agent.on_disk:
+            try:
+                tokens = disk.read_header(disk.agent_path(self.agents_dir, agent.id)).tokens
+            except (disk.CorruptAgentFile, OSError):
+                tokens = []
+                agent.saved_version = -1
+        agent.tokens = tokens
+        if agent.compatible and not agent.damaged:
+            self.index.set(agent.id, tokens)
+
     def close(self) -> None:
-        self._writer.shutdown(wait=True)
+        # The writer hands journal removals to the journal thread: it stops last.
         self._reader.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
+        self._journal.shutdown(wait=True)
 
     # Lookup --------------------------------------------------------------------------------------
 
@@ -199,18 +317,37 @@ class AgentStore:
         sampling: Sampling | None = None,
         forked_from: str | None = None,
     ) -> Agent:
+        implicit = agent_id is None
         if agent_id is None:
-            agent_id = generate_agent_id(set(self._agents))
+            agent_id = generate_agent_id(set(self._folded))
         validate_agent_id(agent_id)
         if agent_id in self._agents:
             raise AgentExists(agent_id)
+        other = self._folded.get(agent_id.lower())
+        if other is not None:
+            # Case-insensitive file systems (macOS) would store both in one file.
+            raise AgentExists(agent_id, f"agent {other!r} already exists, and ids that differ only in case "
+                                        "name the same file on some file systems")
+        if self.max_agents and len(self._agents) >= self.max_agents:
+            raise StoreFull(
+                f"the agent store is full: {len(self._agents)} agents (SEMANTIC_AGENT_MAX_AGENTS); "
+                "delete agents to make room"
+            )
         record = AgentRecord(
             id=agent_id, display_name=display_name, system_prompt=system_prompt,
-            sampling=sampling or Sampling(), forked_from=forked_from,
+            sampling=sampling or Sampling(), forked_from=forked_from, implicit=implicit,
         )
         agent = Agent(record=record, cache=None)
-        self._agents[agent_id] = agent
+        self._register(agent)
         return agent
+
+    def recyclable(self, protect: set[str]) -> Agent | None:
+        """The least recently used idle, unpinned agent created without a name (a stateless
+        client's conversation), to make room for a new one when the store is full."""
+        idle = [a for a in self._agents.values()
+                if a.record.implicit and not a.running and not a.record.pinned and a.id not in protect
+                and a.pending_save is None]
+        return min(idle, key=lambda a: a.last_access) if idle else None
 
     def rename(self, agent_id: str, display_name: str | None) -> Agent:
         agent = self.get(agent_id)
@@ -225,19 +362,30 @@ class AgentStore:
         return agent
 
     def forget(self, agent: Agent) -> None:
-        """Remove an agent from memory and disk (the caller released its blocks)."""
+        """Remove an agent from disk, then from memory (the caller released its blocks). If its
+        files cannot be removed, nothing changes and StorageError says why."""
         if agent.running:
             raise AgentBusy(agent.id, "delete")
         self._wait_pending(agent)
+        self._journal.submit(lambda: None).result()  # a journal write in flight lands first
+        for path in (disk.agent_path(self.agents_dir, agent.id), disk.journal_path(self.agents_dir, agent.id)):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise StorageError(f"could not delete agent {agent.id!r}: {exc.strerror or exc}") from exc
         self._agents.pop(agent.id, None)
+        if self._folded.get(agent.id.lower()) == agent.id:
+            del self._folded[agent.id.lower()]
         self.index.remove(agent.id)
-        path = disk.agent_path(self.agents_dir, agent.id)
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as exc:
-            raise StorageError(f"could not delete {path.name}: {exc}") from exc
         agent.cache = None
         self._update_disk_gauge()
+
+    def unregister(self, agent: Agent) -> None:
+        """Drop an agent that was never written (its creation failed) from memory only."""
+        self._agents.pop(agent.id, None)
+        if self._folded.get(agent.id.lower()) == agent.id:
+            del self._folded[agent.id.lower()]
+        self.index.remove(agent.id)
 
     def set_tokens(self, agent: Agent, tokens: list[int], cache: list[Any] | None) -> None:
         agent.tokens = tokens
@@ -263,16 +411,36 @@ class AgentStore:
         path = disk.agent_path(self.agents_dir, agent.id)
         fingerprint, model_id = self.fingerprint, self.model_id
 
+        journal = disk.journal_path(self.agents_dir, agent.id)
+        revision = record.revision
+
         def write() -> tuple[int, int, float]:
             start = time.perf_counter()
             size = disk.write_agent_file(
                 path, record, tokens, layers, fingerprint=fingerprint, model_id=model_id
             )
+            if journal.exists():  # on the journal's own thread, after any journal write in flight
+                with contextlib.suppress(RuntimeError):  # closing: the next start-up removes it
+                    self._journal.submit(disk.remove_journal_if_covered, journal, revision)
             return version, size, time.perf_counter() - start
 
         future = self._writer.submit(write)
         agent.pending_save = future
         return future
+
+    def journal_async(self, agent: Agent) -> Future[float]:
+        """Write the agent's record (the finished turn) durably on the journal thread; the future
+        gives the seconds it took, or raises StorageError."""
+        record = copy.deepcopy(agent.record)
+        path = disk.journal_path(self.agents_dir, agent.id)
+        fingerprint, model_id = self.fingerprint, self.model_id
+
+        def write() -> float:
+            start = time.perf_counter()
+            disk.write_journal(path, record, fingerprint=fingerprint, model_id=model_id)
+            return time.perf_counter() - start
+
+        return self._journal.submit(write)
 
     def save(self, agent: Agent) -> None:
         """Save now and wait (eviction, shutdown, explicit saves). Raises StorageError."""
@@ -341,11 +509,11 @@ class AgentStore:
     def read_async(self, agent: Agent) -> Future:
         """Read and verify the agent's file on the reader thread (numpy only)."""
         path = disk.agent_path(self.agents_dir, agent.id)
-        fingerprint = self.fingerprint
+        fingerprint, geometry = self.fingerprint, self.geometry
 
         def read() -> tuple[disk.AgentHeader, disk.LayerArrays, float]:
             start = time.perf_counter()
-            header, layers = disk.read_agent_file(path, fingerprint)
+            header, layers = disk.read_agent_file(path, fingerprint, geometry)
             return header, layers, time.perf_counter() - start
 
         return self._reader.submit(read)
@@ -365,9 +533,10 @@ class AgentStore:
             raise AgentDamaged(f"agent {agent.id!r} failed verification and was quarantined: {exc}") from exc
         except FileNotFoundError as exc:
             self.metrics.loads.labels("error").inc()
-            raise StorageError(f"the file of agent {agent.id!r} is gone: {exc}") from exc
+            raise StorageError(f"the file of agent {agent.id!r} is gone") from exc
         agent.cache = self.to_cache(layers) if layers else self._new_cache()
         agent.tokens = header.tokens
+        self._restore_messages(agent)
         self.loads_total += 1
         self.metrics.loads.labels("ok").inc()
         self.metrics.load_seconds.observe(seconds)
@@ -392,8 +561,10 @@ class AgentStore:
     # Quarantine ----------------------------------------------------------------------------------
 
     def _quarantine(self, path: Path, agent_id: str, reason: str) -> None:
+        import os
+
         target = None
-        if path.exists():
+        if os.path.lexists(path):  # a dangling symlink is moved aside too
             target = disk.quarantine(path, self.quarantine_dir, reason)
         self.quarantined_total += 1
         self.metrics.quarantined.inc()
@@ -406,7 +577,7 @@ class AgentStore:
             except Exception:
                 return
             agent = Agent(record=AgentRecord(id=agent_id))
-            self._agents[agent_id] = agent
+            self._register(agent)
         agent.damaged = reason
         agent.cache = None
         agent.tokens = []

@@ -9,14 +9,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from semantic_core.agents.record import validate_agent_id
+from semantic_core.api.messages import check_system_prompt
 from semantic_core.api.schemas import AgentCreate, AgentFork, AgentPatch
 from semantic_core.engine.engine import Engine
 from semantic_core.engine.snapshot import AgentInfo
-from semantic_core.errors import EngineStopped
+from semantic_core.errors import EngineStopped, InvalidRequest
 
 router = APIRouter(prefix="/v1/agents", tags=["agents"])
 
@@ -28,7 +29,9 @@ def _engine(request: Request) -> Engine:
     return engine
 
 
-def agent_json(info: AgentInfo) -> dict[str, Any]:
+def agent_json(info: AgentInfo, *, preview: bool = False) -> dict[str, Any]:
+    system = info.system_prompt
+    truncated = preview and system is not None and len(system) > _PREVIEW_CHARS
     return {
         "type": "agent",
         "id": info.id,
@@ -45,7 +48,8 @@ def agent_json(info: AgentInfo) -> dict[str, Any]:
         "compatible": info.compatible,
         "damaged": info.damaged,
         "messages": info.messages,
-        "system_prompt": info.system_prompt,
+        "system_prompt": system[:_PREVIEW_CHARS] + "…" if truncated and system else system,
+        "system_prompt_truncated": truncated,
         "forked_from": info.forked_from,
         "created_at": info.created_at,
         "last_used": info.last_used,
@@ -54,12 +58,34 @@ def agent_json(info: AgentInfo) -> dict[str, Any]:
     }
 
 
+_PREVIEW_CHARS = 200
+
+
 @router.get("")
-async def list_agents(request: Request) -> dict[str, Any]:
+async def list_agents(
+    request: Request,
+    limit: int = Query(100, ge=1, le=1000, description="Agents per page (1-1000)."),
+    after_id: str | None = Query(None, max_length=64, description="Page after this agent id."),
+    before_id: str | None = Query(None, max_length=64, description="Page before this agent id."),
+) -> dict[str, Any]:
+    """Agents in id order, a page at a time (Anthropic's list shape: `has_more`, `first_id`,
+    `last_id`; the next page is `?after_id=<last_id>`). System prompts are cut to a preview here;
+    GET /v1/agents/{id} has the whole of it."""
     engine = _engine(request)
-    agents = await asyncio.to_thread(engine.list_agents)
-    data = [agent_json(a) for a in agents]
-    return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+    if after_id is not None and before_id is not None:
+        raise InvalidRequest("give after_id or before_id, not both")
+    snap = await asyncio.to_thread(engine.snapshot, True)  # sorted by id, and current
+    agents = list(snap.agents)
+    if after_id is not None:
+        agents = [a for a in agents if a.id > after_id]
+        page, has_more = agents[:limit], len(agents) > limit
+    elif before_id is not None:
+        agents = [a for a in agents if a.id < before_id]
+        page, has_more = agents[-limit:], len(agents) > limit
+    else:
+        page, has_more = agents[:limit], len(agents) > limit
+    data = [agent_json(a, preview=True) for a in page]
+    return {"data": data, "has_more": has_more, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None}
 
 
@@ -68,6 +94,7 @@ async def create_agent(body: AgentCreate, request: Request) -> JSONResponse:
     engine = _engine(request)
     if body.id is not None:
         validate_agent_id(body.id)
+    check_system_prompt(engine, body.system_prompt)
     info = await asyncio.to_thread(
         engine.create_agent, body.id, display_name=body.display_name, system_prompt=body.system_prompt)
     return JSONResponse(agent_json(info), status_code=201, headers={"x-agent-id": info.id})

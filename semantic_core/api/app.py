@@ -20,9 +20,12 @@ from semantic_core.api.middleware import (
     AccessLogMiddleware,
     AuthMiddleware,
     BodySizeLimitMiddleware,
+    CrossSiteGuardMiddleware,
+    HostCheckMiddleware,
     MetricsMiddleware,
     RateLimitMiddleware,
     RequestIDMiddleware,
+    UnhandledErrorMiddleware,
 )
 from semantic_core.api.schemas import ERROR_RESPONSES
 from semantic_core.config import Settings
@@ -66,13 +69,17 @@ def create_app(engine: Engine, settings: Settings, *, owns_engine: bool = False)
     app.add_middleware(RateLimitMiddleware, per_client=settings.server_rate_limit_per_client,
                        global_=settings.server_rate_limit_global, metrics=engine.metrics)
     app.add_middleware(AuthMiddleware, keys=settings.api_keys)
+    app.add_middleware(CrossSiteGuardMiddleware, allowed_hosts=settings.allowed_hosts,
+                       cors_origins=settings.server_cors_origins)
     if settings.server_cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.server_cors_origins, allow_methods=["*"], allow_headers=["*"],
             expose_headers=["request-id", "x-agent-id", "x-response-time", "retry-after"],
         )
+    app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts)
     app.add_middleware(MetricsMiddleware, metrics=engine.metrics)
     app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(RequestIDMiddleware)
     return app
 

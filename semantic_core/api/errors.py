@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from semantic_core.api.middleware import error_response
+from semantic_core.api.schemas import InvalidText
 from semantic_core.errors import (
     AgentBusy,
     AgentDamaged,
@@ -61,6 +62,9 @@ def validation_message(exc: RequestValidationError) -> str:
         if err.get("type") == "json_invalid":
             detail = (err.get("ctx") or {}).get("error", "")
             return f"the request body is not valid JSON{': ' + str(detail) if detail else ''}"
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidText):
+            return str(cause)  # it names the field itself
     messages = []
     for err in errors[:3]:
         loc = _field(tuple(err.get("loc", ())))
@@ -94,8 +98,5 @@ def install(app: FastAPI) -> None:
                 429: "rate_limit_error"}.get(exc.status_code, "api_error")
         return error_response(exc.status_code, kind, str(exc.detail))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        request_id = getattr(request.state, "request_id", None) or request.scope.get("state", {}).get("request_id")
-        log.exception("unhandled error", path=request.url.path)
-        return error_response(500, "api_error", f"internal error (request id {request_id})")
+    # Unexpected exceptions are answered (and logged, once) by UnhandledErrorMiddleware: a handler
+    # for Exception here would make Starlette re-raise it to the server, which logs it again.

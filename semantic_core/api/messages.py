@@ -14,6 +14,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from semantic_core.agents.record import validate_agent_id
 from semantic_core.api.errors import status_and_kind
 from semantic_core.api.schemas import (
     CountTokensRequest,
@@ -34,7 +35,7 @@ from semantic_core.engine.types import (
     Started,
     TextDelta,
 )
-from semantic_core.errors import EngineStopped, ModelNotFound, SemanticError
+from semantic_core.errors import EngineStopped, InvalidRequest, ModelNotFound, SemanticError
 from semantic_core.observability import get_logger
 
 router = APIRouter()
@@ -62,6 +63,15 @@ def _engine(request: Request) -> Engine:
     return engine
 
 
+def check_system_prompt(engine: Engine, system: str | None) -> None:
+    """Agents store their system prompt: it is bounded (SEMANTIC_AGENT_MAX_SYSTEM_PROMPT_CHARS)."""
+    limit = engine.settings.agent_max_system_prompt_chars
+    if system is not None and len(system) > limit:
+        raise InvalidRequest(
+            f"system: {len(system)} characters, over the limit of {limit} (SEMANTIC_AGENT_MAX_SYSTEM_PROMPT_CHARS)"
+        )
+
+
 def _stored_system_prompt(engine: Engine, agent_id: str) -> str | None:
     """A named agent's own system prompt (set when it was created) applies when a request gives none."""
     for agent in engine.snapshot().agents:
@@ -86,9 +96,12 @@ async def create_message(
     engine = _engine(request)
     check_model(engine, body.model)
     chat, system = to_chat(body.messages, body.system)
+    if x_agent_id:
+        validate_agent_id(x_agent_id)
     if system is None and x_agent_id:
         system = _stored_system_prompt(engine, x_agent_id)
-    rendered = await asyncio.to_thread(engine.render, chat, system)
+    check_system_prompt(engine, system)
+    rendered = await engine.render_async(chat, system)
     gen = GenerationRequest(
         tokens=rendered.tokens,
         max_tokens=body.max_tokens,
@@ -154,6 +167,8 @@ async def _complete(
         if not handle.done.is_set():
             handle.cancel()
     assert result is not None
+    if not result.turn_saved:
+        headers = {**headers, "x-semantic-turn-saved": "false"}
     usage = result.usage
     response = MessageResponse(
         id=message_id,
@@ -201,11 +216,14 @@ async def _stream(
             elif isinstance(event, Finished):
                 r = event.result
                 yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
-                yield _event("message_delta", {
+                delta: dict[str, Any] = {
                     "type": "message_delta",
                     "delta": {"stop_reason": _stop_reason(r), "stop_sequence": r.stop_sequence},
                     "usage": _usage(r.usage.prompt_tokens, r.usage.cached_tokens, r.usage.output_tokens),
-                })
+                }
+                if not r.turn_saved:  # the answer is complete, but a restart would lose it
+                    delta["semantic"] = {"turn_saved": False, "error": r.save_error}
+                yield _event("message_delta", delta)
                 yield _event("message_stop", {"type": "message_stop"})
                 return
             elif isinstance(event, Failed):
@@ -227,5 +245,5 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, 
     engine = _engine(request)
     check_model(engine, body.model)
     chat, system = to_chat(body.messages, body.system)
-    rendered = await asyncio.to_thread(engine.render, chat, system)
+    rendered = await engine.render_async(chat, system)
     return {"input_tokens": len(rendered.tokens)}

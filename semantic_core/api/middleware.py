@@ -1,7 +1,8 @@
 """The HTTP middleware stack, as plain ASGI (no per-request task or body buffering, so SSE streams
 pass straight through). Outermost first:
 
-RequestID -> access log -> metrics -> CORS -> auth -> rate limit -> body size -> handler.
+RequestID -> unhandled errors -> access log -> metrics -> host check -> CORS -> cross-site guard ->
+auth -> rate limit -> body size -> handler.
 """
 
 from __future__ import annotations
@@ -67,6 +68,135 @@ class RequestIDMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             structlog.contextvars.clear_contextvars()
+
+
+class UnhandledErrorMiddleware:
+    """The one place an unexpected exception is logged: once, with its request id and a plain
+    traceback (no local variables, so no headers, keys or prompt text), then answered with a 500
+    in Anthropic's envelope if the response has not started. Nothing propagates to the server,
+    which would log it a second time."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            request_id = scope.get("state", {}).get("request_id", "-")
+            log.error("unhandled error", method=scope["method"], path=scope["path"],
+                      error_type=type(exc).__name__, exc_info=exc)
+            if not started:
+                response = error_response(500, "api_error", f"internal error (request id {request_id})")
+                await response(scope, receive, send)
+
+
+class HostCheckMiddleware:
+    """Answers only requests whose Host header names this server (loopback names and the bind
+    address by default; SEMANTIC_SERVER_ALLOWED_HOSTS adds more, '*' any). A web page that rebinds
+    its own domain name to 127.0.0.1 sends its own name as Host, so it cannot read agents through
+    the browser. Health probes are exempt (orchestrators probe by address)."""
+
+    def __init__(self, app: ASGIApp, allowed: set[str]) -> None:
+        self.app = app
+        self.allowed = {h.lower() for h in allowed}
+        self.any = "*" in self.allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.any or scope["path"].startswith(OPEN_PATHS[0]):
+            await self.app(scope, receive, send)
+            return
+        host = host_name(Headers(scope=scope).get("host", ""))
+        if host in self.allowed:
+            await self.app(scope, receive, send)
+            return
+        response = error_response(
+            403, "permission_error",
+            f"this server does not answer for the host {host[:100]!r}; add it to SEMANTIC_SERVER_ALLOWED_HOSTS",
+        )
+        await response(scope, receive, send)
+
+
+def host_name(value: str) -> str:
+    """The host of a Host header or an origin's authority, lower-cased, without port or brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):  # [::1]:8000
+        return value[1:value.find("]")] if "]" in value else value
+    if value.count(":") == 1:
+        return value.split(":", 1)[0]
+    return value
+
+
+_CUSTOM_HEADER_PREFIXES = ("x-", "anthropic-", "openai-")
+
+
+class CrossSiteGuardMiddleware:
+    """No state change from a request a browser page on another site could send.
+
+    A cross-site page can send a "simple" POST (form or text/plain body, no custom header) without
+    a CORS preflight, and the server would act on it (evict, pin, save, fork, even chat). So: an
+    unsafe method with an Origin that is not this server's (loopback or allowed host) or a CORS
+    origin is refused, and every POST/PUT/PATCH must carry a JSON content type or a custom header
+    (X-API-Key, anthropic-version, X-Agent-ID, ...), which a cross-site page cannot send without a
+    preflight that CORS refuses. Every SDK sends both."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: set[str], cors_origins: Iterable[str]) -> None:
+        self.app = app
+        self.allowed_hosts = {h.lower() for h in allowed_hosts}
+        self.cors_origins = {o.rstrip("/").lower() for o in cors_origins}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope.get("method", "GET") if scope["type"] == "http" else "GET"
+        if method in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
+        if origin is not None and not self._origin_allowed(origin):
+            response = error_response(
+                403, "permission_error",
+                "cross-site requests may not change anything here (the Origin is not this server's); "
+                "allow a web app's origin with SEMANTIC_SERVER_CORS_ORIGINS",
+            )
+            await response(scope, receive, send)
+            return
+        if method in ("POST", "PUT", "PATCH") and not self._non_simple(headers):
+            response = error_response(
+                415, "invalid_request_error",
+                f"{method} requests must send Content-Type: application/json (or an X-API-Key or "
+                "anthropic-version header)",
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _origin_allowed(self, origin: str) -> bool:
+        origin = origin.strip().rstrip("/").lower()
+        if origin in self.cors_origins or "*" in self.cors_origins:
+            return True
+        if origin == "null":
+            return False
+        authority = origin.split("://", 1)[-1]
+        host = host_name(authority)
+        return host in self.allowed_hosts or "*" in self.allowed_hosts
+
+    @staticmethod
+    def _non_simple(headers: Headers) -> bool:
+        ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if ctype == "application/json" or ctype.endswith("+json"):
+            return True
+        return any(name.startswith(_CUSTOM_HEADER_PREFIXES) or name == "authorization" for name in headers)
 
 
 class AccessLogMiddleware:

@@ -18,8 +18,13 @@ router = APIRouter()
 
 
 @router.get("/health/live")
-async def live() -> dict[str, str]:
-    return {"status": "ok"}
+async def live(request: Request) -> JSONResponse:
+    """503 once the engine loop has died: the process can no longer serve and must be restarted."""
+    engine: Engine = request.app.state.engine
+    if engine.crash is not None:
+        return JSONResponse({"status": "dead", "reason": "the engine loop stopped after an internal error"},
+                            status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/health/startup")
@@ -35,6 +40,9 @@ async def startup(request: Request) -> JSONResponse:
 @router.get("/health/ready")
 async def ready(request: Request) -> JSONResponse:
     engine: Engine = request.app.state.engine
+    if engine.crash is not None:
+        return JSONResponse({"status": "not ready", "reason": "the engine loop stopped after an internal error"},
+                            status_code=503)
     if not engine.ready:
         return JSONResponse({"status": "not ready", "reason": "the model is not loaded"}, status_code=503)
     snap = engine.snapshot()

@@ -6,15 +6,71 @@ cannot use are refused by `to_chat` with a message naming the block.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from semantic_core.errors import InvalidRequest
 
+# Numbers as JSON numbers: "5" or true for max_tokens is a client bug to report, not to coerce.
+StrictNumber = Annotated[float, Field(strict=True)]
+
+
+def find_invalid_text(value: Any, path: str = "") -> str | None:
+    """The path of the first string in a parsed JSON value that is not valid Unicode text (a lone
+    surrogate such as "\\ud800", which JSON escapes can carry but UTF-8 cannot encode), with why."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = value[exc.start]
+            return (f"{path or 'body'}: the text is not valid Unicode: a lone surrogate "
+                    f"(U+{ord(bad):04X}) at character {exc.start}")
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = find_invalid_text(key, f"{path}.{key}" if path else "key")
+            found = found or find_invalid_text(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = find_invalid_text(item, f"{path}.{i}" if path else str(i))
+            if found:
+                return found
+    return None
+
+
+_CONTROL = {chr(c) for c in (*range(0x00, 0x20), *range(0x7F, 0xA0))}
+
+
+def no_control_characters(value: str | None, what: str) -> str | None:
+    if value is not None and any(ch in _CONTROL for ch in value):
+        raise ValueError(f"{what} must not contain control characters")
+    return value
+
 
 class _Lenient(BaseModel):
+    """Unknown fields are tolerated (clients send newer parameters than we know)."""
+
     model_config = ConfigDict(extra="allow")
+
+
+class _Request(_Lenient):
+    """A request body: every string anywhere in it (unknown fields included) must be valid Unicode,
+    checked once over the whole body before any field is used."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        found = find_invalid_text(data)
+        if found:
+            raise InvalidText(found)
+        return data
+
+
+class InvalidText(ValueError):
+    """Raised during validation; the error handler reports its message alone (it names the field)."""
 
 
 class ContentBlock(_Lenient):
@@ -31,15 +87,15 @@ class Metadata(_Lenient):
     user_id: str | None = None
 
 
-class MessagesRequest(_Lenient):
-    model: str = Field(min_length=1)
+class MessagesRequest(_Request):
+    model: str = Field(min_length=1, max_length=256)
     messages: list[Message]
-    max_tokens: int = Field(ge=1)
+    max_tokens: StrictInt = Field(ge=1)
     system: str | list[ContentBlock] | None = None
     stop_sequences: list[str] | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
+    temperature: StrictNumber | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: StrictNumber | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: StrictInt | None = Field(default=None, ge=0)
     stream: bool = False
     metadata: Metadata | None = None
 
@@ -54,8 +110,8 @@ class MessagesRequest(_Lenient):
         return value
 
 
-class CountTokensRequest(_Lenient):
-    model: str = Field(min_length=1)
+class CountTokensRequest(_Request):
+    model: str = Field(min_length=1, max_length=256)
     messages: list[Message]
     system: str | list[ContentBlock] | None = None
 
@@ -97,18 +153,25 @@ class ModelList(BaseModel):
     last_id: str | None
 
 
-class AgentCreate(_Lenient):
-    id: str | None = None
+class _Named(_Request):
+    @field_validator("display_name", check_fields=False)
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        return no_control_characters(value, "display_name")
+
+
+class AgentCreate(_Named):
+    id: str | None = Field(default=None, max_length=64)
     display_name: str | None = Field(default=None, max_length=200)
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # bounded by SEMANTIC_AGENT_MAX_SYSTEM_PROMPT_CHARS (checked by the route)
 
 
-class AgentPatch(_Lenient):
+class AgentPatch(_Named):
     display_name: str | None = Field(default=None, max_length=200)
 
 
-class AgentFork(_Lenient):
-    id: str | None = None
+class AgentFork(_Named):
+    id: str | None = Field(default=None, max_length=64)
     display_name: str | None = Field(default=None, max_length=200)
 
 
@@ -131,6 +194,8 @@ def _text_of(content: str | list[ContentBlock], where: str) -> str:
         if block.type == "text":
             if block.text is None:
                 raise InvalidRequest(f"{where}.content.{i}.text: a text block needs a text field")
+            if not block.text:
+                raise InvalidRequest(f"{where}.content.{i}.text: text content blocks must be non-empty")
             parts.append(block.text)
         elif block.type in _IGNORABLE:
             continue
@@ -162,6 +227,11 @@ def to_chat(
             if text:
                 system_parts.append(text)
             continue
+        if not text and not (m.role == "assistant" and i == len(messages) - 1):
+            raise InvalidRequest(
+                f"messages.{i}: all messages must have non-empty content except for the optional final "
+                "assistant message"
+            )
         chat.append({"role": m.role, "content": text})
     if not chat:
         raise InvalidRequest("messages: at least one user or assistant message is required")

@@ -8,13 +8,16 @@ engine, which saves every hot agent. A second start lists them all again (cold, 
 from __future__ import annotations
 
 import socket
+import threading
 
 import uvicorn
 
 from semantic_core.api.app import create_app
 from semantic_core.config import Settings, load_settings
 from semantic_core.engine.engine import Engine
-from semantic_core.observability import configure_logging
+from semantic_core.observability import configure_logging, get_logger
+
+log = get_logger("semantic.server")
 
 
 def uvicorn_config(app: object, settings: Settings, **overrides: object) -> uvicorn.Config:
@@ -52,12 +55,29 @@ class GracefulServer(uvicorn.Server):
         self._captured_signals.clear()
 
 
+class EngineDied(SystemExit):
+    """`semantic serve` ends with this (exit status 70) when the engine loop died, so that a
+    supervisor restarts the process instead of leaving a server that answers nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(70)
+
+
 def serve(settings: Settings) -> None:
     configure_logging(settings.server_log_level)
     engine = Engine(settings)
     app = create_app(engine, settings, owns_engine=True)
     server = GracefulServer(uvicorn_config(app, settings))
+
+    def watchdog() -> None:
+        engine.dead.wait()
+        log.critical("the engine loop died: stopping the server so that it can be restarted")
+        server.should_exit = True
+
+    threading.Thread(target=watchdog, name="semantic-watchdog", daemon=True).start()
     server.run()
+    if engine.crash is not None:
+        raise EngineDied()
 
 
 def reload_factory() -> object:

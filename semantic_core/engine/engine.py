@@ -31,16 +31,18 @@ import asyncio
 import atexit
 import contextlib
 import itertools
+import math
 import os
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+from semantic_core.agents.disk import KVGeometry
 from semantic_core.agents.prefix_index import common_prefix
 from semantic_core.agents.store import Agent, AgentStore
 from semantic_core.config import Settings
@@ -66,6 +68,7 @@ from semantic_core.engine.types import (
 from semantic_core.errors import (
     AgentDamaged,
     AgentNotFound,
+    EngineFault,
     EngineStopped,
     InvalidRequest,
     ModelMismatch,
@@ -74,6 +77,7 @@ from semantic_core.errors import (
     QueueFull,
     SemanticError,
     StorageError,
+    StoreFull,
 )
 from semantic_core.model.loader import LoadedModel, ModelInfo
 from semantic_core.observability import Metrics, get_logger
@@ -94,6 +98,12 @@ _DONE = object()
 
 # Decode groups (see Engine._group_for): sequences decode in one batch while their cache lengths differ
 # by at most this many tokens or this factor; at most this many batches step separately.
+# Prompts longer than this (characters) are tokenized on a thread of their own (Engine.render_async).
+LARGE_PROMPT_CHARS = 32_000
+
+# Temperatures below this sample greedily (see Engine._validate).
+MIN_TEMPERATURE = 1e-5
+
 GROUP_SLACK_TOKENS = 256
 GROUP_RATIO = 2.0
 MAX_DECODE_GROUPS = 3
@@ -153,9 +163,15 @@ class Engine(AgentOperations):
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._start_error: BaseException | None = None
+        # Set when the loop died of an error it could not contain (a bug): probes fail and
+        # `semantic serve` exits non-zero, so a supervisor restarts the process.
+        self.crash: BaseException | None = None
+        self.dead = threading.Event()
         self._stopping = False
         self._stopped = threading.Event()
         self._waiting: deque[_Seq] = deque()
+        # Finished sequences whose turn is being made durable before the caller hears of it.
+        self._finishing: list[tuple[_Seq, GenerationResult, Future[Any], float]] = []
         self._prefilling: list[_Seq] = []
         self._decoding: dict[int, _Seq] = {}
         self._active_agents: dict[str, _Seq] = {}
@@ -174,6 +190,8 @@ class Engine(AgentOperations):
         self._snapshot_at = 0.0
         self._snapshot_dirty = True
         self._listeners: list[Callable[[EngineSnapshot], None]] = []
+        self._render_small = ThreadPoolExecutor(max_workers=2, thread_name_prefix="semantic-render")
+        self._render_large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-render-large")
         self._decode_threads = settings.mlx_blas_decode_threads
         # One core stays free for MLX's own thread, the event loop and the UI: a BLAS that spreads
         # over every core of a busy machine waits on its slowest thread (measured here: a 2,045-token
@@ -238,6 +256,25 @@ class Engine(AgentOperations):
         """Chat template -> tokens (any thread: the tokenizer is not MLX)."""
         return render_chat(self.tokenizer, messages, system)
 
+    def check_prompt_chars(self, chars: int) -> None:
+        """Refuse a prompt by its length alone, before the (costly) tokenization: each token holds at
+        most `max_token_chars` characters, so more characters than that times the context cannot fit."""
+        assert self.info is not None
+        bound = self.info.context_length * self.info.max_token_chars
+        if chars > bound:
+            raise PromptTooLong(-(-chars // self.info.max_token_chars), self.info.context_length,
+                                estimated=True)
+
+    async def render_async(self, messages: list[dict[str, str]], system: str | None = None) -> RenderedPrompt:
+        """`render` off the event loop, on the engine's own tokenizer threads: large prompts take
+        turns on one thread, so a burst of them never delays the small ones (or any other work of
+        the default thread pool)."""
+        chars = sum(len(m.get("content") or "") for m in messages) + len(system or "")
+        self.check_prompt_chars(chars)
+        pool = self._render_large if chars > LARGE_PROMPT_CHARS else self._render_small
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(pool, render_chat, self.tokenizer, messages, system)
+
     def submit(self, request: GenerationRequest, *, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue a request. Pass `loop` (or use `submit_async`) to consume events with `async for`."""
         self._check_accepting()
@@ -266,20 +303,38 @@ class Engine(AgentOperations):
             raise EngineStopped("the engine is not running")
 
     def _validate(self, req: GenerationRequest) -> None:
+        """Refuse (or normalise) anything that could fail inside the loop, where one bad request
+        must never stop the engine for everyone: every sampling parameter is checked against the
+        model, and every token id against its vocabulary."""
         assert self.info is not None
         if not req.tokens:
             raise InvalidRequest("the prompt is empty")
         limit = self.info.context_length
         if len(req.tokens) >= limit:
             raise PromptTooLong(len(req.tokens), limit)
-        if req.max_tokens < 1:
-            raise InvalidRequest("max_tokens: must be at least 1")
+        vocab = self.info.vocab_size
+        if vocab and (min(req.tokens) < 0 or max(req.tokens) >= vocab):
+            raise InvalidRequest(f"the prompt holds token ids outside the model's vocabulary (0..{vocab - 1})")
+        if isinstance(req.max_tokens, bool) or not isinstance(req.max_tokens, int) or req.max_tokens < 1:
+            raise InvalidRequest("max_tokens: must be an integer of at least 1")
+        for name in ("temperature", "top_p"):
+            value = getattr(req, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise InvalidRequest(f"{name}: must be a finite number")
         if req.temperature < 0:
             raise InvalidRequest("temperature: must be >= 0")
+        if req.temperature < MIN_TEMPERATURE:
+            # Logits / temperature overflow to inf below ~1e-37 and sampling turns random; far above
+            # that the distribution is already a point mass on the argmax: sample greedily.
+            req.temperature = 0.0
         if not 0 < req.top_p <= 1:
             raise InvalidRequest("top_p: must be in (0, 1]")
-        if req.top_k < 0:
-            raise InvalidRequest("top_k: must be >= 0")
+        if isinstance(req.top_k, bool) or not isinstance(req.top_k, int) or req.top_k < 0:
+            raise InvalidRequest("top_k: must be an integer >= 0")
+        if vocab and req.top_k >= vocab:
+            req.top_k = 0  # the top `vocab` tokens are all of them: no filter (mlx-lm refuses k >= vocab)
+        if len(req.stop_sequences) > 64 or any(not isinstance(x, str) for x in req.stop_sequences):
+            raise InvalidRequest("stop_sequences: at most 64 strings")
         if self.queue_depth() >= self.settings.server_max_queue:
             raise QueueFull(f"{self.queue_depth()} requests are waiting; retry shortly")
         if req.agent_id is not None:
@@ -343,9 +398,13 @@ class Engine(AgentOperations):
         self._started.set()
         try:
             self._loop()
-        except BaseException as exc:  # pragma: no cover - a bug; fail every waiter loudly
-            log.exception("engine loop crashed")
-            self._fail_everything(exc)
+        except BaseException as exc:  # a bug the per-request guards did not contain: fail loudly
+            self.crash = exc
+            log.critical("the engine loop crashed; no request can be served until the process restarts",
+                         exc_info=exc)
+            with contextlib.suppress(BaseException):
+                self._fail_everything(exc)
+            self.dead.set()
         finally:
             self.metrics.ready.set(0)
             self._groups = []
@@ -371,7 +430,9 @@ class Engine(AgentOperations):
         self.store = AgentStore(
             s.agents_dir, s.quarantine_dir, fingerprint=self.info.fingerprint,
             model_id=self.info.model_id, block_tokens=s.mlx_block_tokens, new_cache=self._new_cache,
-            metrics=self.metrics,
+            metrics=self.metrics, max_agents=s.agent_max_agents,
+            geometry=KVGeometry(self.info.num_layers, self.info.kv_heads, self.info.head_dim,
+                                self.info.kv_dtype, self.info.vocab_size),
         )
         self.store.scan()
         self.memory = MemoryManager(self.pool, self.store, s.agent_max_agents_in_memory, self.metrics)
@@ -392,6 +453,8 @@ class Engine(AgentOperations):
                 return
             assert self.store is not None
             self.store.poll_io()
+            if self._finishing:
+                self._complete_finished()
             self._admit()
             worked = False
             if self._groups and self._decoding:
@@ -424,7 +487,7 @@ class Engine(AgentOperations):
         self._blas_threads_now = threads
 
     def _has_pending_io(self) -> bool:
-        return any(a.pending_save is not None for a in self.store)  # type: ignore[union-attr]
+        return bool(self._finishing) or any(a.pending_save is not None for a in self.store)  # type: ignore[union-attr]
 
     def _drain_inbox(self) -> None:
         while self._inbox:
@@ -464,9 +527,16 @@ class Engine(AgentOperations):
                 self._waiting.remove(seq)
                 self._fail(seq, exc)
                 continue
+            except Exception as exc:
+                self._waiting.remove(seq)
+                self._abandon(seq, exc, "admit" if seq.load_future is None else "load")
+                continue
             if status == "ready":
                 self._waiting.remove(seq)
-                self._start_prefill(seq)
+                try:
+                    self._start_prefill(seq)
+                except Exception as exc:
+                    self._abandon(seq, exc, "admit")
                 continue
             if status == "blocked":
                 break  # first come first served: later requests do not overtake for memory
@@ -551,7 +621,7 @@ class Engine(AgentOperations):
                         f"agent {agent.id!r} was saved with another model; load that model or delete the agent"
                     )
             elif req.create_agent:
-                agent = self.store.create(req.agent_id, system_prompt=req.system_prompt)
+                agent = self._new_agent(req.agent_id, protect, system_prompt=req.system_prompt)
                 seq.created_agent = True
             else:
                 raise AgentNotFound(req.agent_id)
@@ -573,7 +643,8 @@ class Engine(AgentOperations):
                 self.memory.make_hot_slot(protect | {cand.id})
             except PoolExhausted:
                 return self._blocked()
-            child = self.store.create(None, system_prompt=req.system_prompt, forked_from=cand.id)
+            child = self._new_agent(None, protect | {cand.id}, system_prompt=req.system_prompt,
+                                    forked_from=cand.id)
             try:
                 self._fork_into(cand, child, match.length)
             except PoolExhausted:
@@ -584,10 +655,29 @@ class Engine(AgentOperations):
             seq.created_agent = True
             self._claim(seq, child)
             return "ready"
-        agent = self.store.create(None, system_prompt=req.system_prompt)
+        agent = self._new_agent(None, protect, system_prompt=req.system_prompt)
         seq.created_agent = True
         self._claim(seq, agent)
         return "ready"
+
+    def _new_agent(self, agent_id: str | None, protect: set[str], **fields: Any) -> Agent:
+        """A new agent; when the store is full (SEMANTIC_AGENT_MAX_AGENTS), the least recently used
+        agent a stateless client left behind (created without a name) is deleted to make room."""
+        assert self.store is not None and self.memory is not None
+        try:
+            return self.store.create(agent_id, **fields)
+        except StoreFull:
+            victim = self.store.recyclable(protect | set(self._active_agents) | self._loading_agents())
+            if victim is None:
+                raise
+            log.info("store full: recycling the least recently used unnamed agent", agent=victim.id)
+            self.memory.release(victim)
+            self.store.forget(victim)
+            return self.store.create(agent_id, **fields)
+
+    def _loading_agents(self) -> set[str]:
+        """Agents whose files are being read for a waiting request (they may not be deleted)."""
+        return {s.load_target.id for s in self._waiting if s.load_future is not None and s.load_target is not None}
 
     def _claim(self, seq: _Seq, agent: Agent) -> None:
         seq.agent = agent
@@ -611,6 +701,13 @@ class Engine(AgentOperations):
         assert fut is not None and target is not None
         if not fut.done():
             return "loading"
+        if target.id not in self.store or self.store.get(target.id) is not target:
+            # Deleted while its file was read (only an implicit candidate can be: a claimed agent
+            # cannot be deleted): resolve the request again without it.
+            seq.load_future = seq.load_target = None
+            seq.parent = None
+            seq.phase = "waiting"
+            return "waiting"
         if target.hot:  # loaded meanwhile by an agent operation
             seq.load_future = seq.load_target = None
             seq.phase = "waiting"
@@ -726,9 +823,14 @@ class Engine(AgentOperations):
                 ready.append(seq)
                 continue
             t0 = time.perf_counter()
-            chunk = mx.array([seq.prompt[seq.cursor : seq.cursor + n]])
-            self.model(chunk, cache=seq.kv)
-            mx.eval([c.state for c in seq.kv])
+            try:
+                chunk = mx.array([seq.prompt[seq.cursor : seq.cursor + n]])
+                self.model(chunk, cache=seq.kv)
+                mx.eval([c.state for c in seq.kv])
+            except Exception as exc:
+                self._prefilling.remove(seq)
+                self._abandon(seq, exc, "prefill")
+                continue
             dt = time.perf_counter() - t0
             seq.prefill_seconds += dt
             self._prefill_rate.add(n, dt)
@@ -754,19 +856,25 @@ class Engine(AgentOperations):
         self._prune_groups()
         for seq in seqs:
             seq.uid = next(self._uids)
-            seq.phase = "decode"
             seq.cache_tokens = len(seq.prompt)
-            self._decoding[seq.uid] = seq
         placed: dict[int, list[_Seq]] = {}
         for seq in sorted(seqs, key=lambda s: s.cache_tokens):
             index = self._group_for(seq.cache_tokens, placed)
             placed.setdefault(index, []).append(seq)
         for index, members in sorted(placed.items()):
-            batch = self._make_batch(members)
-            if index < len(self._groups):
-                self._groups[index].extend(batch)
-            else:
-                self._groups.append(batch)
+            try:
+                batch = self._make_batch(members)
+                if index < len(self._groups):
+                    self._groups[index].extend(batch)
+                else:
+                    self._groups.append(batch)
+            except Exception as exc:
+                for seq in members:
+                    self._abandon(seq, exc, "prefill")
+                continue
+            for seq in members:
+                seq.phase = "decode"
+                self._decoding[seq.uid] = seq
 
     def _group_lengths(self, group: Any) -> list[int]:
         return [self._decoding[uid].cache_tokens for uid in group.uids if uid in self._decoding]
@@ -837,9 +945,18 @@ class Engine(AgentOperations):
         if not self._decoding:
             return
         self._prune_groups()  # making room may have preempted a group's last sequence
-        for group in self._groups:
+        for group in list(self._groups):
             t0 = time.perf_counter()
-            responses = group.next()
+            try:
+                responses = group.next()
+            except Exception as exc:
+                # The batch's state is unknown now: every sequence in it fails, the rest go on.
+                self._groups = [g for g in self._groups if g is not group]
+                for uid in list(group.uids):
+                    seq = self._decoding.pop(uid, None)
+                    if seq is not None:
+                        self._abandon(seq, exc, "decode")
+                continue
             dt = time.perf_counter() - t0
             self._decode_rate.add(len(responses), dt)
             self.metrics.tokens.labels("decode").inc(len(responses))
@@ -848,7 +965,11 @@ class Engine(AgentOperations):
                 if seq is None:
                     continue
                 seq.cache_tokens += 1
-                self._on_token(seq, r, dt)
+                try:
+                    self._on_token(seq, r, dt)
+                except Exception as exc:
+                    self._drop_from_batch(seq)
+                    self._abandon(seq, exc, "finish")
 
     def _ensure_decode_room(self, seq: _Seq) -> None:
         assert self.memory is not None and seq.agent is not None
@@ -961,12 +1082,35 @@ class Engine(AgentOperations):
         )
         self._record_turn(seq, result)
         self._release_claim(seq)
+        # The answer is complete only once its turn is on disk: the record first (small, fsync'd on
+        # the journal thread), the tensors after it on the writer thread.
+        journal = self.store.journal_async(agent)
+        journal.add_done_callback(lambda _: self._wake.set())
+        self._finishing.append((seq, result, journal, time.perf_counter()))
         if self.settings.agent_save_on_finish:
             self._save_quietly(agent)
         self.metrics.generations.labels(reason).inc()
         seq.phase = "done"
         self._snapshot_dirty = True
-        seq.handle._push(Finished(result))
+
+    def _complete_finished(self, wait: bool = False) -> None:
+        """Answer the requests whose turns are durable now (or were not saved: then they say so)."""
+        pending = []
+        for seq, result, journal, since in self._finishing:
+            if not journal.done() and not wait:
+                pending.append((seq, result, journal, since))
+                continue
+            try:
+                journal.result()
+            except Exception as exc:
+                result.turn_saved = False
+                result.save_error = exc.message if isinstance(exc, SemanticError) else type(exc).__name__
+                log.error("a finished turn could not be saved; the client is told", agent=result.agent_id,
+                          error=result.save_error)
+            result.durable_seconds = time.perf_counter() - since
+            self.metrics.turn_durable_seconds.observe(result.durable_seconds)
+            seq.handle._push(Finished(result))
+        self._finishing = pending
 
     def _record_turn(self, seq: _Seq, result: GenerationResult) -> None:
         agent = seq.agent
@@ -992,6 +1136,8 @@ class Engine(AgentOperations):
         if req.system_prompt is not None:
             agent.record.system_prompt = req.system_prompt
         agent.record.reply_start = seq.prompt_tokens
+        agent.record.revision += 1
+        agent.messages_loaded = True
         agent.touch()
         agent.changed()
 
@@ -1052,10 +1198,61 @@ class Engine(AgentOperations):
         seq.phase = "done"
         seq.handle._push(Failed(exc))
 
+    def _abandon(self, seq: _Seq, exc: BaseException, stage: str) -> None:
+        """An unexpected error while serving one sequence: fail that request alone and put its
+        agent back into a state the engine can trust (what its file holds), so that no other
+        request, and no later one, is affected."""
+        agent = seq.agent or seq.load_target
+        log.error("a request failed inside the engine; the engine goes on", stage=stage,
+                  agent=agent.id if agent else None, exc_info=exc)
+        self.metrics.engine_failures.labels(stage).inc()
+        with contextlib.suppress(ValueError):
+            self._prefilling.remove(seq)
+        self._decoding.pop(seq.uid, None)
+        seq.kv = None
+        self._release_claim(seq)
+        for target in {id(a): a for a in (seq.agent, seq.load_target) if a is not None}.values():
+            try:
+                self._reset_agent(target, forget=seq.created_agent and target is seq.agent)
+            except Exception:  # the reset itself failed: the agent is unusable, never the engine
+                log.exception("could not reset an agent after a failure", agent=target.id)
+        self._snapshot_dirty = True
+        if seq.phase != "done":
+            seq.phase = "done"
+            seq.handle._push(Failed(EngineFault(
+                f"the request failed inside the engine while {_STAGE_WORDS.get(stage, stage)}; the agent keeps "
+                "its last saved state and the engine goes on serving (request id "
+                f"{seq.request.request_id or '-'})"
+            )))
+
+    def _reset_agent(self, agent: Agent, *, forget: bool = False) -> None:
+        """Drop an agent's in-memory state after a failure; it continues from its file (or empty)."""
+        assert self.store is not None and self.memory is not None
+        agent.running = False
+        agent.cache = None
+        self.memory.release(agent)
+        if agent.id not in self.store or self.store.get(agent.id) is not agent:
+            return
+        if forget and not agent.on_disk:
+            self.store.forget(agent)
+            return
+        self.store.reset_to_disk(agent)
+
+    def _drop_from_batch(self, seq: _Seq) -> None:
+        """Take a sequence out of its decode group without reading its cache."""
+        for group in self._groups:
+            if seq.uid in group.uids:
+                idx = group.uids.index(seq.uid)
+                with contextlib.suppress(Exception):
+                    group.filter([i for i in range(len(group.uids)) if i != idx])
+        self._decoding.pop(seq.uid, None)
+
     def _fail_everything(self, exc: BaseException) -> None:
         err = exc if isinstance(exc, Exception) else EngineStopped()
-        for seq in [*self._waiting, *self._prefilling, *self._decoding.values()]:
+        for seq in [*self._waiting, *self._prefilling, *self._decoding.values(),
+                    *(f[0] for f in self._finishing)]:
             seq.handle._push(Failed(err))
+        self._finishing = []
         self._waiting.clear()
         self._prefilling.clear()
         self._decoding.clear()
@@ -1065,6 +1262,7 @@ class Engine(AgentOperations):
         self._stopping = True
         for seq in list(self._waiting) + list(self._prefilling) + list(self._decoding.values()):
             self._cancel(seq.handle)
+        self._complete_finished(wait=True)
         assert self.store is not None
         if save:
             for agent in self.store.hot_agents():
@@ -1074,6 +1272,8 @@ class Engine(AgentOperations):
                     log.error("could not save an agent at shutdown", agent=agent.id, error=str(exc))
         self.store.poll_io()
         self.store.close()
+        self._render_small.shutdown(wait=False)
+        self._render_large.shutdown(wait=False)
         self._publish(force=True)
 
     # Metrics and snapshots -------------------------------------------------------------------------
@@ -1128,6 +1328,12 @@ class Engine(AgentOperations):
                 fn(snap)
             except Exception:  # a listener must never break generation
                 log.exception("snapshot listener failed")
+
+
+_STAGE_WORDS = {
+    "admit": "admitting it", "load": "loading its agent", "prefill": "reading the prompt",
+    "decode": "generating", "finish": "finishing the answer",
+}
 
 
 def _thread_main(holder: list[Engine]) -> None:

@@ -119,6 +119,7 @@ class MemoryManager:
             self.store.save(agent)
         self.release(agent)
         agent.cache = None
+        self.store._drop_messages(agent)
         self.evictions += 1
         self.metrics.evictions.labels(reason).inc()
         log.info("agent evicted", agent=agent.id, reason=reason, tokens=len(agent.tokens))

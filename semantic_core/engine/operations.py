@@ -27,6 +27,8 @@ class AgentOperations:
     pool: BlockPool | None
     info: ModelInfo | None
     _active_agents: dict[str, Any]
+    _new_agent: Any
+    _loading_agents: Any
 
 
     def create_agent(
@@ -36,11 +38,15 @@ class AgentOperations:
         def op() -> AgentInfo:
             assert self.store is not None and self.memory is not None
             self.memory.make_hot_slot(self._active_agents)
-            agent = self.store.create(agent_id, display_name=display_name, system_prompt=system_prompt,
-                                      sampling=sampling)
+            agent = self._new_agent(agent_id, set(), display_name=display_name, system_prompt=system_prompt,
+                                    sampling=sampling)
             agent.cache = self._new_cache()
             agent.changed()
-            self.store.save(agent)  # an empty agent is still an agent after a restart
+            try:
+                self.store.save(agent)  # an empty agent is still an agent after a restart
+            except Exception:
+                self.store.unregister(agent)  # all or nothing: no agent that exists only in memory
+                raise
             return self._info(agent)
         return self.call(op)
 
@@ -50,7 +56,7 @@ class AgentOperations:
     def get_agent(self, agent_id: str) -> tuple[AgentInfo, list[dict[str, Any]]]:
         def op() -> tuple[AgentInfo, list[dict[str, Any]]]:
             agent = self.store.get(agent_id)  # type: ignore[union-attr]
-            return self._info(agent), [dict(m) for m in agent.record.messages]
+            return self._info(agent), [dict(m) for m in self.store.load_messages(agent)]  # type: ignore[union-attr]
         return self.call(op)
 
     def save_agent(self, agent_id: str) -> AgentInfo:
@@ -102,7 +108,7 @@ class AgentOperations:
     def delete_agent(self, agent_id: str) -> None:
         def op() -> None:
             agent = self.store.get(agent_id)  # type: ignore[union-attr]
-            if agent.running or agent_id in self._active_agents:
+            if agent.running or agent_id in self._active_agents or agent_id in self._loading_agents():
                 raise AgentBusy(agent_id, "delete")
             self.memory.release(agent)  # type: ignore[union-attr]
             self.store.forget(agent)  # type: ignore[union-attr]
@@ -177,7 +183,7 @@ class AgentOperations:
             kv_bytes=tokens * self.info.bytes_per_token if agent.hot else 0, disk_bytes=agent.disk_bytes,
             on_disk=agent.on_disk, dirty=agent.dirty, compatible=agent.compatible, damaged=agent.damaged,
             created_at=agent.record.created_at, last_used=agent.record.last_used,
-            messages=len(agent.record.messages), system_prompt=agent.record.system_prompt,
+            messages=agent.message_count, system_prompt=agent.record.system_prompt,
             forked_from=agent.record.forked_from, reused_tokens=agent.reused_tokens,
             computed_tokens=agent.computed_tokens, save_error=agent.save_error,
             temperature=agent.record.sampling.temperature, max_tokens=agent.record.sampling.max_tokens,

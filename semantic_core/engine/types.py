@@ -53,6 +53,11 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
     queued_seconds: float
+    # False when the finished turn could not be written to disk (disk full, read-only): the answer
+    # is complete, but a restart would lose it. `save_error` says why.
+    turn_saved: bool = True
+    save_error: str | None = None
+    durable_seconds: float = 0.0  # how long the answer waited for its turn to be on disk
 
     @property
     def decode_tokens_per_second(self) -> float:

@@ -42,6 +42,8 @@ class ModelInfo:
     blas: str
     fingerprint: str
     kernels: str = "mlx"
+    vocab_size: int = 0  # rows of the output layer: token ids are below it, top_k at most it
+    max_token_chars: int = 64  # the longest token's text: a prompt of N characters has >= N / this tokens
     load_seconds: float = 0.0
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -138,8 +140,8 @@ def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto", numpy_
             f"{resolved.model_id}: its cache types {kinds} are not supported; agents need a plain "
             "KV cache per layer (no sliding windows or recurrent state)"
         )
-    model(mx.array([[0]]), cache=cache)
-    mx.eval([c.state for c in cache])
+    logits = model(mx.array([[0]]), cache=cache)
+    mx.eval(logits, [c.state for c in cache])
     keys = cache[0].keys
     kv_heads, head_dim, kv_dtype = int(keys.shape[1]), int(keys.shape[3]), keys.dtype
 
@@ -161,6 +163,8 @@ def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto", numpy_
         device=device,
         blas=str(blas_info()) if device == "cpu" else "n/a (GPU)",
         kernels=kernels,
+        vocab_size=int(logits.shape[-1]),
+        max_token_chars=_max_token_chars(tokenizer),
         fingerprint=fingerprint(resolved.path, weights, str(kv_dtype)),
         load_seconds=time.perf_counter() - start,
     )
@@ -193,6 +197,17 @@ def fingerprint(path: Path, weights_mode: str, kv_dtype: str) -> str:
     h.update(weights_mode.encode())
     h.update(kv_dtype.encode())
     return h.hexdigest()[:32]
+
+
+def _max_token_chars(tokenizer: Any) -> int:
+    """Characters of the longest token (vocabulary strings of byte-level BPE hold one character per
+    byte, so this bounds the decoded text too). Used to refuse a prompt too long for the context by
+    its length alone, before tokenizing it."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # a tokenizer without a vocabulary listing: assume long tokens
+        return 256
+    return max((len(token) for token in vocab), default=64) or 64
 
 
 def _describe_quant(config: dict[str, Any]) -> str:

@@ -51,7 +51,7 @@ class NewAgentScreen(ModalScreen[NewAgentForm | None]):
             self.dismiss(None)
             return
         agent_id = self.query_one("#agent-id", Input).value.strip() or None
-        if agent_id is not None and not AGENT_ID_RE.match(agent_id):
+        if agent_id is not None and not AGENT_ID_RE.fullmatch(agent_id):
             self.query_one("#form-error", Label).update("Id: 1-64 letters, digits, '-', '_' or '.'")
             return
         temp = self.query_one("#temperature", Input).value.strip()
