@@ -37,6 +37,8 @@ tools:
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 # The suite runs in file order here (reproducible); test-random and test-reverse check that no test

@@ -18,6 +18,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import semantic_core  # noqa: E402,F401  (chooses the BLAS before mlx is imported)
 from semantic_core.config import load_settings  # noqa: E402
+from semantic_core.runtime import Runtime  # noqa: E402
 from semantic_tui.app import SemanticApp  # noqa: E402
 from semantic_tui.widgets.chat import ChatMessage  # noqa: E402
 from semantic_tui.widgets.prompt import PromptInput  # noqa: E402
@@ -55,7 +56,7 @@ async def chat(app: SemanticApp, pilot, text: str) -> None:
 async def render(out: Path) -> list[Path]:
     workdir = Path(tempfile.mkdtemp(prefix="semantic-shots-"))
     settings = load_settings(agent_cache_dir=workdir / "cache", mlx_cache_budget_mb=64)
-    app = SemanticApp(settings, serve_api=False, clock=False, export_dir=workdir)
+    app = SemanticApp(Runtime(settings, serve_api=False), clock=False, export_dir=workdir)
     written: list[Path] = []
     async with app.run_test(size=(150, 42)) as pilot:
         await wait(pilot, lambda: app.engine.ready and app.engine.info is not None

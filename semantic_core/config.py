@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -33,7 +33,7 @@ def early_blas_choice() -> str:
     Same variable and values as `Settings.mlx_blas`; an invalid value is reported by `load_settings`.
     """
     value = os.environ.get(BLAS_ENV, "auto").strip().lower()
-    return value if value in BlasChoice.__args__ else "auto"
+    return value if value in get_args(BlasChoice) else "auto"
 
 
 def _split_csv(value: Any) -> Any:
@@ -95,6 +95,18 @@ class Settings(BaseSettings):
     mlx_prefill_step_size: int = Field(512, ge=16, description="Prompt tokens computed per prefill chunk.")
     mlx_block_tokens: int = Field(64, ge=16, le=1024, description="Tokens per KV block of the block pool.")
     mlx_default_max_tokens: int = Field(512, ge=1, description="max_tokens when a caller gives none.")
+    # Sampling when neither the request, the agent nor the model says (see semantic_core/turns.py for the
+    # policy; the values are chosen by benchmarks/sampling_defaults.py).
+    mlx_default_temperature: float = Field(0.0, ge=0.0, le=2.0, description="Temperature when none is given.")
+    mlx_default_top_p: float = Field(1.0, gt=0.0, le=1.0, description="top_p when none is given.")
+    mlx_default_top_k: int = Field(0, ge=0, description="top_k when none is given (0: off).")
+    mlx_default_min_p: float = Field(0.0, ge=0.0, lt=1.0, description="min_p when none is given (0: off).")
+    mlx_default_repetition_penalty: float = Field(
+        1.0, gt=0.0, le=10.0, description="Repetition penalty when none is given (1: off)."
+    )
+    mlx_model_sampling: bool = Field(
+        True, description="Use the model's own generation defaults (generation_config.json) before the settings'."
+    )
     mlx_weights: WeightsMode = Field(
         "auto", description="auto: dense float32 on CPU, quantized on GPU; or force dense / quantized."
     )
@@ -149,7 +161,7 @@ class Settings(BaseSettings):
     def _normalise_case(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = value.strip()
-            return value.upper() if value.upper() in LogLevel.__args__ else value.lower()
+            return value.upper() if value.upper() in get_args(LogLevel) else value.lower()
         return value
 
     @field_validator("server_workers")

@@ -4,11 +4,10 @@ the same process on the same engine (one model in memory)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +22,12 @@ from textual.timer import Timer
 from textual.widgets import Footer, Header, Markdown
 
 from semantic_core.agents.record import Sampling
-from semantic_core.config import Settings
-from semantic_core.engine.engine import Engine
 from semantic_core.engine.handle import RequestHandle
-from semantic_core.engine.types import Failed, Finished, GenerationRequest, PrefillProgress, TextDelta
+from semantic_core.engine.types import Failed, Finished, PrefillProgress, TextDelta
 from semantic_core.errors import SemanticError
 from semantic_core.observability import configure_logging
+from semantic_core.runtime import Runtime
+from semantic_core.turns import Turn
 from semantic_tui.screens.dialogs import ConfirmScreen, HelpScreen, NewAgentForm, NewAgentScreen, TextPromptScreen
 from semantic_tui.screens.info import InfoScreen, LogScreen
 from semantic_tui.screens.inspector import PoolInspector
@@ -95,19 +94,6 @@ class LogLinesHandler(logging.Handler):
             pass
 
 
-def _embedded_server(app: Any, settings: Settings) -> Any:
-    import uvicorn
-
-    from semantic_core.api.server import uvicorn_config
-
-    class EmbeddedServer(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield  # the TUI owns the terminal and its signals
-
-    return EmbeddedServer(uvicorn_config(app, settings))
-
-
 class SemanticApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "semantic"
@@ -137,24 +123,20 @@ class SemanticApp(App[None]):
 
     def __init__(
         self,
-        settings: Settings,
+        runtime: Runtime,
         *,
-        serve_api: bool = True,
-        loaded: Any = None,
         clock: bool = True,
         export_dir: Path | None = None,
     ) -> None:
         super().__init__()
-        self.settings = settings
-        self.engine = Engine(settings, loaded=loaded)
-        self.serve_api = serve_api
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.engine = runtime.engine
+        self.turns = runtime.turns
         self.clock = clock
         self.export_dir = export_dir or Path.cwd()
         self.current: str | None = None
         self.handles: dict[str, RequestHandle] = {}
-        self.server: Any = None
-        self.server_task: asyncio.Task | None = None
-        self.api_state = "off (--no-server)" if not serve_api else "starting"
         self.logs = LogLines()
         self._requests_seen = 0.0
         self._requests_at = time.monotonic()
@@ -189,10 +171,14 @@ class SemanticApp(App[None]):
 
     # Engine and server -------------------------------------------------------------------------------
 
+    @property
+    def api_state(self) -> str:
+        return self.runtime.api_state
+
     @work(thread=True, exclusive=True, group="engine")
     def start_engine(self) -> None:
         try:
-            self.engine.start()
+            self.runtime.start_engine()
         except Exception as exc:
             self.call_from_thread(self.notify, f"The model could not be loaded: {exc}", title="Model",
                                   severity="error", timeout=30)
@@ -206,7 +192,7 @@ class SemanticApp(App[None]):
         self.sub_title = f"{info.model_id} · {info.device} · {info.weights}"
         self._gauge_timer = self.set_interval(0.25, self.refresh_gauges)
         self.refresh_gauges()
-        if self.serve_api:
+        if self.runtime.serve_api:
             await self.start_server()
         snap = self.engine.snapshot()
         if snap.agents and self.current is None:
@@ -216,26 +202,11 @@ class SemanticApp(App[None]):
             await self.main_screen.query_one(ChatView).show_history([], self._empty_note())
 
     async def start_server(self) -> None:
-        from semantic_core.api.app import create_app
-        from semantic_core.api.server import port_in_use
-
-        host, port = self.settings.server_host, self.settings.server_port
-        if port_in_use(host, port):
-            self.api_state = f"off: port {port} busy"
+        state = await self.runtime.start_api()
+        if state.startswith("off: port"):
+            host, port = self.settings.server_host, self.settings.server_port
             self.notify(f"Port {port} on {host} is in use, so the API is off. The workstation works as usual; "
                         "start it with --port to serve the API too.", title="API", severity="warning", timeout=12)
-            return
-        app = create_app(self.engine, self.settings, owns_engine=False)
-        self.server = _embedded_server(app, self.settings)
-        self.server_task = asyncio.create_task(self._serve())
-        self.api_state = f"http://{host}:{port}"
-
-    async def _serve(self) -> None:
-        try:
-            await self.server.serve()
-        except (SystemExit, OSError) as exc:
-            self.api_state = "off: failed to start"
-            self.notify(f"The API server stopped: {exc}", title="API", severity="error", timeout=12)
 
     @property
     def main_screen(self) -> Screen:
@@ -252,7 +223,7 @@ class SemanticApp(App[None]):
         except SemanticError:
             return
         rps = None
-        if self.server is not None:  # requests of this app's own server, counted in its engine's metrics
+        if self.runtime.server is not None:  # requests of this app's own server, counted in its engine's metrics
             now = time.monotonic()
             total = self.engine.metrics.requests_served()
             if now - self._requests_at >= 1.0:
@@ -321,16 +292,10 @@ class SemanticApp(App[None]):
         await chat.add("user", text)
         answer = await chat.add("assistant")
         try:
-            rendered = await asyncio.to_thread(self.engine.render, messages, info.system_prompt)
-            request = GenerationRequest(
-                tokens=rendered.tokens,
-                max_tokens=info.max_tokens or self.settings.mlx_default_max_tokens,
-                # Small models stay on topic at a low temperature (SmolLM2's card suggests 0.2, top_p 0.9).
-                temperature=0.2 if info.temperature is None else info.temperature,
-                top_p=0.9, agent_id=agent_id, messages=messages, system_prompt=info.system_prompt,
-                continues_text=rendered.continues_text,
-            )
-            handle = self.engine.submit_async(request)
+            # Sampling and length come from the one defaults policy (the agent's own, the model's,
+            # the settings'): see semantic_core/turns.py.
+            started = await self.turns.start(Turn(messages=messages, agent_id=agent_id))
+            handle = started.handle
         except SemanticError as exc:
             await answer.remove()
             self.notify(exc.message, title="Not sent", severity="error", timeout=10)
@@ -563,10 +528,5 @@ class SemanticApp(App[None]):
         self.notify("Saving agents…", timeout=30)
         for handle in list(self.handles.values()):
             handle.cancel()
-        if self.server is not None:
-            self.server.should_exit = True
-            if self.server_task is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.server_task, timeout=self.settings.server_drain_seconds + 5)
-        await asyncio.to_thread(self.engine.stop)
+        await self.runtime.stop()
         self.exit()

@@ -212,10 +212,11 @@ def tui(
     port: Annotated[int | None, typer.Option(help="API port (SEMANTIC_SERVER_PORT).")] = None,
 ) -> None:
     """The workstation: agents, streaming chat, live pool and cache gauges, and the API in-process."""
+    from semantic_core.runtime import Runtime
     from semantic_tui.app import SemanticApp
 
     settings = _settings(server_host=host, server_port=port)
-    SemanticApp(settings, serve_api=not no_server).run()
+    SemanticApp(Runtime(settings, serve_api=not no_server)).run()
 
 
 # serve ---------------------------------------------------------------------------------------------
@@ -231,7 +232,7 @@ def serve(
 ) -> None:
     """Serve the Anthropic-compatible API headless (same engine as the TUI)."""
     from semantic_core.api.server import port_in_use
-    from semantic_core.api.server import serve as run_server
+    from semantic_core.runtime import Runtime
 
     settings = _settings(server_host=host, server_port=port, server_workers=workers, server_log_level=log_level)
     if port_in_use(settings.server_host, settings.server_port):
@@ -250,7 +251,7 @@ def serve(
         return
     err.print(f"serving the Anthropic Messages API on http://{settings.server_host}:{settings.server_port} "
               f"(model {settings.mlx_model_id}); Ctrl-C stops and saves every agent", highlight=False)
-    run_server(settings)
+    Runtime(settings).serve()
 
 
 # generate ------------------------------------------------------------------------------------------
@@ -260,27 +261,31 @@ def serve(
 def generate(
     prompt: Annotated[str, typer.Argument(help="The user message ('-' reads stdin).")],
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1)] = 256,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0)] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
-    top_k: Annotated[int, typer.Option(min=0)] = 0,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", min=1,
+                                                   help="Default: the agent's, else the model's policy.")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", "-t", min=0.0,
+                                                      help="Default: see the sampling policy in the README.")] = None,
+    top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
+    top_k: Annotated[int | None, typer.Option(min=0)] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop sequence (repeatable).")] = None,
     agent: Annotated[str | None, typer.Option(help="Agent id: continue (or create) this agent.")] = None,
     stats: Annotated[bool, typer.Option(help="Print timing and cache use to stderr.")] = True,
 ) -> None:
     """Stream a completion from the model to stdout (a scripting convenience)."""
-    from semantic_core.engine.engine import Engine
-    from semantic_core.engine.types import Failed, Finished, GenerationRequest, PrefillProgress, TextDelta
+    from semantic_core.engine.types import Failed, Finished, PrefillProgress, TextDelta
     from semantic_core.errors import SemanticError
     from semantic_core.observability import configure_logging
+    from semantic_core.runtime import Runtime
+    from semantic_core.turns import Turn
 
     settings = _settings()
     configure_logging("WARNING")
     if prompt == "-":
         prompt = sys.stdin.read()
-    engine = Engine(settings)
+    runtime = Runtime(settings, serve_api=False)
+    engine = runtime.engine
     try:
-        engine.start()
+        runtime.start_engine()
     except SemanticError as exc:
         raise _fail(exc.message) from None
     try:
@@ -292,13 +297,9 @@ def generate(
             except SemanticError:
                 messages = []
         messages.append({"role": "user", "content": prompt})
-        rendered = engine.render(messages, system)
-        request = GenerationRequest(
-            tokens=rendered.tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p or 1.0,
-            top_k=top_k, stop_sequences=list(stop or []), agent_id=agent, messages=messages,
-            system_prompt=system, continues_text=rendered.continues_text,
-        )
-        handle = engine.submit(request)
+        turn = Turn(messages=messages, system=system, agent_id=agent, max_tokens=max_tokens,
+                    temperature=temperature, top_p=top_p or None, top_k=top_k, stop_sequences=list(stop or []))
+        handle = runtime.turns.start_sync(turn).handle
         try:
             for event in handle:
                 if isinstance(event, TextDelta):

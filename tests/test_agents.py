@@ -21,8 +21,8 @@ def turn(engine, agent_id, history, text, max_tokens=12):
 
 def memory_layers(engine, agent_id):
     def op():
-        agent = engine.store.get(agent_id)
-        return [(np.array(c.keys[..., : c.offset, :]), np.array(c.values[..., : c.offset, :])) for c in agent.cache]
+        cache = engine.residency.cache(agent_id)
+        return [(np.array(c.keys[..., : c.offset, :]), np.array(c.values[..., : c.offset, :])) for c in cache]
     return engine.call(op)
 
 
@@ -33,7 +33,8 @@ def test_saved_cache_round_trips_bit_exact(tiny_engine):
     header, on_disk = disk.read_agent_file(disk.agent_path(tiny_engine.settings.agents_dir, "rt"),
                                            tiny_engine.info.fingerprint)
     assert len(on_disk) == len(in_memory) == tiny_engine.info.num_layers
-    for (k1, v1), (k2, v2) in zip(in_memory, on_disk, strict=True):
+    for (k1, v1), state in zip(in_memory, on_disk, strict=True):
+        k2, v2 = state.arrays["keys"], state.arrays["values"]
         assert k1.dtype == k2.dtype and np.array_equal(k1, k2) and np.array_equal(v1, v2)
     assert len(header.tokens) == k2.shape[2]
     assert header.record.messages[-1]["role"] == "assistant"

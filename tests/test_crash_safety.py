@@ -34,7 +34,8 @@ def check_every_agent(agents_dir: Path) -> int:
         header, layers = disk.read_agent_file(path, FINGERPRINT)  # raises if anything is off
         version = int(header.record.messages[0]["content"].split()[1])
         assert header.tokens == [version % 1000] * len(header.tokens)
-        for k, v in layers:
+        for state in layers:
+            k, v = state.arrays["keys"], state.arrays["values"]
             assert np.all(k == float(version)) and np.all(v == float(version) + 0.5)
         verified += 1
     return verified
@@ -74,10 +75,11 @@ def test_full_disk_raises_and_keeps_the_previous_file(tmp_path):
     assert "StorageError" in proc.stdout and "File too large" in proc.stdout
     assert (agents_dir / "big.safetensors").read_bytes() == before
     header, layers = disk.read_agent_file(agents_dir / "big.safetensors", FINGERPRINT)
-    assert len(header.tokens) == 64 and np.all(layers[0][0] == 1.0)
+    assert len(header.tokens) == 64 and np.all(layers[0].arrays["keys"] == 1.0)
     assert not disk.stale_temp_files(agents_dir)
 
 
 def test_layers_helper_shapes():
-    k, v = layers_for(3, 10)[0]
+    state = layers_for(3, 10)[0]
+    k, v = state.arrays["keys"], state.arrays["values"]
     assert k.shape == (1, 2, 10, 64) and float(v[0, 0, 0, 0]) == 3.5

@@ -169,13 +169,13 @@ def test_second_request_for_the_same_agent_waits_for_the_first(tiny_engine):
 def _record_order(monkeypatch) -> list[tuple[int, object]]:
     log: list[tuple[int, object]] = []
     counter = itertools.count()
-    original = RequestHandle._push
+    original = RequestHandle.deliver
 
     def push(self, event):
         log.append((next(counter), self.id, event))
         original(self, event)
 
-    monkeypatch.setattr(RequestHandle, "_push", push)
+    monkeypatch.setattr(RequestHandle, "deliver", push)
     return log
 
 
@@ -191,7 +191,8 @@ def test_long_prefill_does_not_block_a_running_decode(engine_factory, monkeypatc
     short.wait()
     long.wait()
     chunks = [i for i, hid, e in log if hid == long.id and isinstance(e, PrefillProgress)]
-    short_done = next(i for i, hid, e in log if hid == short.id and isinstance(e, Finished))
+    # The answer's last text (its Finished event waits for the turn to be on disk, not for a step).
+    short_done = max(i for i, hid, e in log if hid == short.id and isinstance(e, TextDelta))
     assert len(chunks) == 16
     # One decode step per chunk: the 8-token answer is done long before the 16-chunk prefill.
     assert sum(1 for c in chunks if c < short_done) <= 8
@@ -287,7 +288,7 @@ def test_small_pool_preempts_and_every_sequence_still_finishes_correctly(engine_
 
 def test_long_and_short_histories_decode_in_separate_groups(engine_factory, monkeypatch):
     """One long history must not pad every short agent's batch to its length (time and memory)."""
-    from semantic_core.engine.engine import Engine
+    from semantic_core.engine.runner import Runner
 
     long_text = " ".join(PROMPTS * 12)
     prompts = [long_text, *PROMPTS[:3]]
@@ -296,13 +297,15 @@ def test_long_and_short_histories_decode_in_separate_groups(engine_factory, monk
     alone.stop()
 
     seen: list[list[list[int]]] = []
-    original = Engine._decode_step
+    original = Runner.execute
 
-    def recording(self):
-        seen.append(sorted(sorted(self._group_lengths(g)) for g in self._groups))
-        original(self)
+    def recording(self, plan):
+        lengths = [sorted(batched.scheduler.group_lengths(g)) for g in plan.decode]
+        if lengths:
+            seen.append(sorted(lengths))
+        return original(self, plan)
 
-    monkeypatch.setattr(Engine, "_decode_step", recording)
+    monkeypatch.setattr(Runner, "execute", recording)
     batched = engine_factory(mlx_max_batch_size=8)
     lengths = [len(req(batched, p).tokens) for p in prompts]
     assert lengths[0] > 4 * max(lengths[1:]) and lengths[0] - max(lengths[1:]) > 256

@@ -132,14 +132,14 @@ def test_a_dead_engine_loop_fails_the_probes(server_factory, monkeypatch):
     from semantic_core.engine.engine import Engine
 
     server = server_factory()
-    original = Engine._admit
+    original = Engine._schedule
 
     def broken(self):
-        if self._waiting:
+        if self.scheduler.waiting:
             raise SystemError("a bug outside every per-request guard")
-        original(self)
+        return original(self)
 
-    monkeypatch.setattr(Engine, "_admit", broken)
+    monkeypatch.setattr(Engine, "_schedule", broken)
     r = chat(server, "this request meets the bug")
     assert r.status_code >= 500
     assert server.engine.dead.wait(10)
@@ -182,8 +182,11 @@ def _forge(agents_dir: Path, engine, agent_id: str, *, layers: int | None = None
     """An agent file with a valid checksum and the loaded model's fingerprint that does not fit it."""
     info = engine.info
     tokens = tokens or [5] * 10
+    from semantic_core.model import kv
+
     shape = (1, kv_heads or info.kv_heads, len(tokens), head_dim or info.head_dim)
-    arrays = [(np.zeros(shape, dtype=dtype), np.zeros(shape, dtype=dtype)) for _ in range(layers or info.num_layers)]
+    arrays = [kv.LayerState(kv.PLAIN, {"keys": np.zeros(shape, dtype=dtype), "values": np.zeros(shape, dtype=dtype)},
+                            {"offset": len(tokens)}) for _ in range(layers or info.num_layers)]
     record = AgentRecord(id=agent_id, messages=[{"role": "user", "content": "forged"}])
     disk.write_agent_file(disk.agent_path(agents_dir, agent_id), record, tokens, arrays,
                           fingerprint=info.fingerprint, model_id=info.model_id)
@@ -252,7 +255,7 @@ def test_a_failing_request_logs_a_traceback_without_its_key_or_prompt(server_fac
     async def broken(*args, **kwargs):
         raise RuntimeError("something unexpected")
 
-    monkeypatch.setattr(server.engine, "render_async", broken)
+    monkeypatch.setattr(server.app.state.turns, "render", broken)
     r = httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": KEY},
                    json={"model": MODEL, "max_tokens": 4, "messages": user(secret_prompt)}, timeout=30)
     assert r.status_code == 500 and r.json()["error"]["type"] == "api_error"
@@ -416,7 +419,7 @@ def test_deleting_an_agent_while_a_request_loads_it_leaks_no_blocks(engine_facto
     handle = engine.submit(GenerationRequest(tokens=engine.render(follow).tokens, max_tokens=4, temperature=0.0,
                                              messages=follow))
     deadline = time.monotonic() + 10
-    while not engine.call(engine._loading_agents) and time.monotonic() < deadline:
+    while not engine.call(engine.admission.loading_agents) and time.monotonic() < deadline:
         time.sleep(0.01)
     with pytest.raises(AgentBusy):
         engine.delete_agent(first.agent_id)

@@ -19,10 +19,12 @@ SIZE = (130, 40)
 
 
 def app_for(tmp_path, loaded, **overrides) -> SemanticApp:
+    from semantic_core.runtime import Runtime
+
     overrides.setdefault("agent_cache_dir", tmp_path / "tui-cache")
+    serve_api = overrides.pop("serve_api", False)
     settings = make_settings(tmp_path, **overrides)
-    return SemanticApp(settings, serve_api=overrides.pop("serve_api", False), loaded=loaded, clock=False,
-                       export_dir=tmp_path)
+    return SemanticApp(Runtime(settings, loaded=loaded, serve_api=serve_api), clock=False, export_dir=tmp_path)
 
 
 async def until(pilot, condition, timeout: float = 30.0, step: float = 0.05) -> None:

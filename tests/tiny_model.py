@@ -1,4 +1,4 @@
-"""A tiny random-weight llama model in a standard mlx-lm directory, built in seconds.
+"""Tiny random-weight models (llama, qwen2, gemma3) in standard mlx-lm directories, built in seconds.
 
 Its logits are spread wide (large embeddings) so greedy decoding does not hinge on float noise: the
 same prompt gives the same tokens whether it runs alone or in a padded batch.
@@ -51,7 +51,76 @@ def build_tokenizer(out: Path, vocab_size: int = 384) -> None:
     }))
 
 
-def build_tiny_model(out: Path, *, seed: int = 0, layers: int = 4, hidden: int = 64, context: int = 8192) -> Path:
+ARCHITECTURES = ("llama", "qwen2", "gemma3")
+
+
+def _config(arch: str, vocab_size: int, layers: int, hidden: int, context: int) -> dict:
+    heads, kv_heads, head_dim, inter = 4, 2, hidden // 4, hidden * 2
+    common = {
+        "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": inter,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab_size,
+        "max_position_embeddings": context, "eos_token_id": 2,
+    }
+    if arch == "llama":
+        return {**common, "model_type": "llama", "head_dim": head_dim, "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0, "tie_word_embeddings": True}
+    if arch == "qwen2":
+        # q/k/v projections with biases, an untied output layer, a large RoPE base: as Qwen2.5.
+        return {**common, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "rms_norm_eps": 1e-6,
+                "rope_theta": 1_000_000.0, "tie_word_embeddings": False}
+    if arch == "gemma3":
+        # Sliding-window layers (RotatingKVCache) alternating with global ones; a window small enough
+        # that test prompts wrap it.
+        return {**common, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "head_dim": head_dim,
+                "rms_norm_eps": 1e-6, "query_pre_attn_scalar": head_dim, "sliding_window": SLIDING_WINDOW,
+                "sliding_window_pattern": 2, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0}
+    raise ValueError(f"unknown architecture {arch!r}")
+
+
+SLIDING_WINDOW = 32
+
+
+def build_tiny_model(out: Path, *, seed: int = 0, layers: int = 4, hidden: int = 64, context: int = 8192,
+                     arch: str = "llama") -> Path:
+    """A random-weight model of `arch` (llama, qwen2, gemma3) as an mlx-lm directory.
+
+    The parameters come from mlx-lm's own model class (so every architecture gets exactly the names
+    and shapes it loads), then are redrawn from a seeded normal distribution with wide embeddings:
+    matrices N(0, 0.2), embeddings N(0, 1), biases N(0, 0.1), norms at their identity (1 for llama
+    and qwen2, 0 for Gemma's 1 + weight form)."""
+    if arch == "llama":
+        return _build_llama(out, seed=seed, layers=layers, hidden=hidden, context=context)
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out)
+    from tokenizers import Tokenizer
+
+    vocab_size = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    config = _config(arch, vocab_size, layers, hidden, context)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, value in tree_flatten(model.parameters()):
+        shape = tuple(value.shape)
+        if "norm" in name:
+            fill = 0.0 if arch == "gemma3" else 1.0
+            weights[name] = mx.full(shape, fill, dtype=mx.float32)
+        elif name.endswith(".bias"):
+            weights[name] = mx.array(rng.normal(0.0, 0.1, size=shape).astype(np.float32))
+        else:
+            scale = 1.0 if "embed_tokens" in name else 0.2
+            weights[name] = mx.array(rng.normal(0.0, scale, size=shape).astype(np.float32))
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def _build_llama(out: Path, *, seed: int, layers: int, hidden: int, context: int) -> Path:
+    """The llama fixture, drawn weight by weight in a fixed order (the suite's expectations rest on it)."""
     import mlx.core as mx
 
     out.mkdir(parents=True, exist_ok=True)

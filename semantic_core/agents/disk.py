@@ -1,13 +1,18 @@
 """The on-disk format of a saved agent: one safetensors file per agent.
 
-`<SEMANTIC_AGENT_CACHE_DIR>/agents/<agent id>.safetensors` holds the KV tensors of every layer,
-sliced to the tokens actually cached (`layers.007.keys`, shape 1 x kv_heads x tokens x head_dim),
-and, in the safetensors header's metadata, everything else:
+`<SEMANTIC_AGENT_CACHE_DIR>/agents/<agent id>.safetensors` holds the arrays of every layer's KV cache,
+cut to what is valid (`layers.007.keys`, `layers.007.values`; a quantized layer has `keys.q`,
+`keys.scales`, `keys.biases` ...), as the KV adapter (`semantic_core.model.kv`) lays them out, and, in
+the safetensors header's metadata, everything else:
 
-- `semantic.format`: format version (this module writes "1");
+- `semantic.format`: format version ("2"; files of format "1", plain KV caches of float tensors
+  only, are still read);
+- `semantic.layers`: per layer, its cache class and the scalars of its state (offset, window, ring
+  index, quantization), as JSON;
 - `semantic.fingerprint` / `semantic.model_id`: the model the cache belongs to (weights, tokenizer,
-  config and numerics); a file of another model is refused with ModelMismatch, never used;
-- `semantic.tokens`: the token ids the tensors hold, as JSON;
+  config and numerics, KV format included); a file of another model is refused with ModelMismatch,
+  never used;
+- `semantic.tokens`: the token ids the cache holds, as JSON;
 - `semantic.checksum`: SHA-256 over every tensor's name, dtype, shape and bytes;
 - `semantic.record`: the agent record (name, system prompt, message history, times, pin) as JSON.
 
@@ -25,8 +30,9 @@ cached tokens are then a prefix of the conversation, and the next turn computes 
 would after any edit. A journal is removed once a file at least as new is written.
 
 Every file is checked when read: regular files only (a FIFO would block start-up, a symlink could
-point anywhere), format version, fingerprint, checksum, and the tensors' number, shapes and dtype
-against the loaded model, and token ids against its vocabulary. A file that fails is quarantined.
+point anywhere), format version, fingerprint, checksum, and the layers' kinds, scalars, shapes and
+dtypes against the loaded model (from the header, before any tensor is read), and token ids against
+its vocabulary. A file that fails is quarantined.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import re
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +53,14 @@ import numpy as np
 
 from semantic_core.agents.record import AgentRecord, validate_agent_id
 from semantic_core.errors import ModelMismatch, StorageError
+from semantic_core.model import kv
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_FORMATS = ("1", "2")
 SUFFIX = ".safetensors"
 JOURNAL_SUFFIX = ".turn.json"
 JOURNAL_FORMAT = 1
 
-LayerArrays = list[tuple[np.ndarray, np.ndarray]]
 
 
 class CorruptAgentFile(Exception):
@@ -61,33 +68,23 @@ class CorruptAgentFile(Exception):
 
 
 @dataclass(frozen=True)
-class KVGeometry:
-    """What the loaded model's KV cache looks like: every file must match it to be loaded."""
+class Expectations:
+    """What a file must hold to be loaded into the loaded model: its cache layout and vocabulary."""
 
-    num_layers: int
-    kv_heads: int
-    head_dim: int
-    dtype: str  # numpy's name: "float32", "float16"
+    spec: kv.CacheSpec
     vocab_size: int = 0  # 0: token ids are not checked
 
-    def check_tokens(self, tokens: list[int]) -> None:
+    def check(self, header: AgentHeader) -> None:
+        tokens = header.tokens
         if self.vocab_size and tokens and (min(tokens) < 0 or max(tokens) >= self.vocab_size):
             raise CorruptAgentFile(f"token ids outside the model's vocabulary (0..{self.vocab_size - 1})")
-
-    def check_shapes(self, shapes: dict[str, tuple[tuple[int, ...], str]], tokens: int) -> None:
-        """`shapes`: tensor name -> (shape, numpy dtype name)."""
-        expected = {f"layers.{i:03d}.{part}" for i in range(self.num_layers) for part in ("keys", "values")}
-        if set(shapes) != expected:
-            raise CorruptAgentFile(
-                f"{len(shapes)} tensors for {self.num_layers} layers, expected {len(expected)} "
-                "(the file does not fit the loaded model)")
-        want = (1, self.kv_heads, tokens, self.head_dim)
-        for name in sorted(shapes):
-            shape, dtype = shapes[name]
-            if tuple(shape) != want:
-                raise CorruptAgentFile(f"{name} has shape {tuple(shape)}, the loaded model needs {want}")
-            if dtype != self.dtype:
-                raise CorruptAgentFile(f"{name} is {dtype}, the loaded model's KV cache is {self.dtype}")
+        try:
+            kv.validate([layer["kind"] for layer in header.layers], [layer["meta"] for layer in header.layers],
+                        header.layer_shapes(), self.spec, len(tokens))
+        except kv.CacheMismatch as exc:
+            raise CorruptAgentFile(f"the cache does not fit the loaded model: {exc}") from exc
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise CorruptAgentFile(f"malformed layer metadata: {exc!r}") from exc
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
@@ -104,7 +101,20 @@ class AgentHeader:
     checksum: str
     saved_at: float
     size_bytes: int
-    shapes: dict[str, tuple[tuple[int, ...], str]] | None = None
+    format: str = FORMAT_VERSION
+    layers: list[dict[str, Any]] = field(default_factory=list)  # per layer: {"kind", "meta"}
+    shapes: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # tensor -> (shape, dtype)
+
+    def layer_shapes(self) -> list[dict[str, tuple[tuple[int, ...], str]]]:
+        """The tensors of each layer, by their name within the layer."""
+        out: list[dict[str, tuple[tuple[int, ...], str]]] = [{} for _ in self.layers]
+        for name, shape in self.shapes.items():
+            parts = name.split(".", 2)
+            if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit() and int(parts[1]) < len(out):
+                out[int(parts[1])][parts[2]] = shape
+            else:
+                out.append({name: shape})  # a stray tensor: the layer count then disagrees
+        return out
 
 
 def agent_path(agents_dir: Path, agent_id: str) -> Path:
@@ -151,15 +161,15 @@ def checksum(tensors: dict[str, np.ndarray]) -> str:
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
         h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
-        h.update(memoryview(arr).cast("B"))
+        h.update(arr.data.cast("B"))
     return "sha256:" + h.hexdigest()
 
 
-def _tensor_dict(layers: LayerArrays) -> dict[str, np.ndarray]:
+def _tensor_dict(states: list[kv.LayerState]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
-    for i, (k, v) in enumerate(layers):
-        out[f"layers.{i:03d}.keys"] = np.ascontiguousarray(k)
-        out[f"layers.{i:03d}.values"] = np.ascontiguousarray(v)
+    for i, state in enumerate(states):
+        for name, arr in state.arrays.items():
+            out[f"layers.{i:03d}.{name}"] = np.ascontiguousarray(arr)
     return out
 
 
@@ -167,7 +177,7 @@ def write_agent_file(
     path: Path,
     record: AgentRecord,
     tokens: list[int],
-    layers: LayerArrays,
+    states: list[kv.LayerState],
     *,
     fingerprint: str,
     model_id: str,
@@ -175,12 +185,13 @@ def write_agent_file(
     """Write atomically; return the file size. On failure the previous file is untouched."""
     from safetensors.numpy import save_file
 
-    tensors = _tensor_dict(layers)
-    for name, arr in tensors.items():
-        if arr.ndim != 4 or arr.shape[2] != len(tokens):
-            raise ValueError(f"{name} has shape {arr.shape}, which does not hold {len(tokens)} tokens")
+    tensors = _tensor_dict(states)
+    for state in states:
+        if state.meta.get("offset", len(tokens)) != len(tokens):
+            raise ValueError(f"a {state.kind} layer holds {state.meta.get('offset')} tokens, not {len(tokens)}")
     metadata = {
         "semantic.format": FORMAT_VERSION,
+        "semantic.layers": json.dumps([{"kind": st.kind, "meta": st.meta} for st in states], separators=(",", ":")),
         "semantic.fingerprint": fingerprint,
         "semantic.model_id": model_id,
         "semantic.tokens": json.dumps(tokens, separators=(",", ":")),
@@ -251,6 +262,8 @@ def read_journal(path: Path) -> tuple[AgentRecord, str]:
 
 def remove_journal_if_covered(path: Path, revision: int) -> None:
     """Remove a journal once a file with a record at least this new is on disk."""
+    if not path.exists():
+        return
     try:
         record, _ = read_journal(path)
     except CorruptAgentFile:
@@ -291,11 +304,20 @@ def read_header(path: Path) -> AgentHeader:
     except Exception as exc:
         raise CorruptAgentFile(f"unreadable safetensors header: {exc}") from exc
     version = meta.get("semantic.format")
-    if version != FORMAT_VERSION:
-        raise CorruptAgentFile(f"format version {version!r}, expected {FORMAT_VERSION!r}")
+    if version not in READABLE_FORMATS:
+        raise CorruptAgentFile(f"format version {version!r}, expected one of {', '.join(READABLE_FORMATS)}")
     try:
         tokens = json.loads(meta["semantic.tokens"])
         record = AgentRecord.from_json(json.loads(meta["semantic.record"]))
+        if version == "1":
+            # Format 1: plain KV caches, `layers.NNN.keys|values`, every layer holding every token.
+            n_layers = len({name.split(".")[1] for name in shapes if name.startswith("layers.")})
+            layers = [{"kind": kv.PLAIN, "meta": {"offset": len(tokens)}} for _ in range(n_layers)]
+        else:
+            layers = json.loads(meta["semantic.layers"])
+            if not isinstance(layers, list) or not all(isinstance(x, dict) and "kind" in x and "meta" in x
+                                                       for x in layers):
+                raise ValueError("semantic.layers is not a list of layers")
         header = AgentHeader(
             path=path,
             record=record,
@@ -305,6 +327,8 @@ def read_header(path: Path) -> AgentHeader:
             checksum=meta["semantic.checksum"],
             saved_at=float(meta.get("semantic.saved_at", "0")),
             size_bytes=size,
+            format=version,
+            layers=layers,
             shapes=shapes,
         )
     except (KeyError, ValueError, TypeError) as exc:
@@ -315,43 +339,38 @@ def read_header(path: Path) -> AgentHeader:
 
 
 def read_agent_file(
-    path: Path, fingerprint: str, geometry: KVGeometry | None = None
-) -> tuple[AgentHeader, LayerArrays]:
+    path: Path, fingerprint: str, expect: Expectations | None = None
+) -> tuple[AgentHeader, list[kv.LayerState]]:
     """Read and verify everything. Raises ModelMismatch (valid file, other model) or CorruptAgentFile."""
     from safetensors.numpy import load_file
 
     header = read_header(path)
-    if geometry is not None and header.fingerprint == fingerprint:
-        # Before reading the tensors: a file that claims this model but does not fit it would
-        # otherwise fail deep inside a forward pass.
-        geometry.check_tokens(header.tokens)
-        if header.shapes:
-            geometry.check_shapes(header.shapes, len(header.tokens))
     if header.fingerprint != fingerprint:
         raise ModelMismatch(
             f"agent {header.record.id!r} was saved with model {header.model_id!r} "
             f"(fingerprint {header.fingerprint[:12]}), not the loaded model (fingerprint {fingerprint[:12]}); "
             "load that model to use it, or delete the agent"
         )
+    if expect is not None:
+        # Before reading the tensors: a file that claims this model but does not fit it would
+        # otherwise fail deep inside a forward pass.
+        expect.check(header)
     try:
         tensors = load_file(str(path))
     except Exception as exc:
         raise CorruptAgentFile(f"unreadable tensors: {type(exc).__name__}") from exc
     if checksum(tensors) != header.checksum:
         raise CorruptAgentFile("checksum mismatch: the tensor bytes changed after they were written")
-    n_layers = len(tensors) // 2
-    layers: LayerArrays = []
-    for i in range(n_layers):
-        try:
-            k, v = tensors[f"layers.{i:03d}.keys"], tensors[f"layers.{i:03d}.values"]
-        except KeyError as exc:
-            raise CorruptAgentFile(f"missing tensor {exc}") from exc
-        if k.shape[2] != len(header.tokens) or v.shape[2] != len(header.tokens):
-            raise CorruptAgentFile(f"layer {i} holds {k.shape[2]} tokens, the header says {len(header.tokens)}")
-        layers.append((k, v))
-    if len(tensors) != 2 * n_layers:
-        raise CorruptAgentFile("odd number of tensors")
-    return header, layers
+    states = [kv.LayerState(layer["kind"], {}, dict(layer["meta"])) for layer in header.layers]
+    for name, arr in tensors.items():
+        parts = name.split(".", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= len(states):
+            raise CorruptAgentFile(f"unexpected tensor {name!r}")
+        states[int(parts[1])].arrays[parts[2]] = arr
+    for i, state in enumerate(states):
+        if header.tokens and not state.arrays:
+            raise CorruptAgentFile(f"layer {i} has no tensors")
+    return header, states
 
 
 def quarantine(path: Path, quarantine_dir: Path, reason: str) -> Path:

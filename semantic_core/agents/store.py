@@ -1,10 +1,9 @@
-"""The agent store: every agent's record, its KV cache when hot, its file when saved, and the prefix
-index over all of them.
+"""The agent store: every agent's record, the tokens its cache holds, its file, and the prefix index
+over all of them. What is in memory (hot caches, pool blocks, running requests) is the engine's
+residency; the store knows agents as records and files.
 
-Tiers:
-- hot: the KV cache is in memory as MLX arrays (and counted by the block pool);
-- cold: only on disk; listed from the file header at start-up without reading tensors;
-- damaged: its file failed verification and was moved to the quarantine folder.
+An agent is listed from its file's header at start-up without reading tensors; a file that fails
+verification is moved to the quarantine folder and the agent is listed as damaged.
 
 There is no warm tier (cache in host memory but released from the pool). On this product's
 targets, CPU and Apple Silicon, MLX arrays already live in host memory: a warm tier would move the
@@ -12,8 +11,8 @@ accounting, not a byte, and a budget that does not bound real memory is no budge
 pay (host RAM is not GPU memory); there it can be added beside `hot`.
 
 Threading: every method runs on the engine thread, which owns all MLX work. File writes run on one
-writer thread and reads on one reader thread, but those touch only numpy buffers and files, never
-MLX (MLX is not thread-safe, see mlx issue #2067). Saves are write-through: after each turn the
+writer thread, turn journals on another, reads on a third; those touch only numpy buffers and files,
+never MLX (MLX is not thread-safe, see mlx issue #2067). Saves are write-through: after each turn the
 engine hands the agent's tensors to the writer, so evicting an agent later costs nothing.
 """
 
@@ -21,20 +20,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from semantic_core.agents import disk
 from semantic_core.agents.prefix_index import PrefixIndex, PrefixMatch, common_prefix
 from semantic_core.agents.record import AgentRecord, Sampling, generate_agent_id, validate_agent_id
 from semantic_core.errors import (
-    AgentBusy,
     AgentDamaged,
     AgentExists,
     AgentNotFound,
@@ -42,25 +39,23 @@ from semantic_core.errors import (
     StorageError,
     StoreFull,
 )
+from semantic_core.model import kv
 from semantic_core.observability import Metrics, get_logger
 
 log = get_logger("semantic.agents")
+
+ReadResult = tuple[disk.AgentHeader, list[kv.LayerState], float]
 
 
 @dataclass
 class Agent:
     record: AgentRecord
-    tokens: list[int] = field(default_factory=list)
-    cache: list[Any] | None = None  # per-layer mlx_lm KVCache when hot and idle
-    blocks: list[int] = field(default_factory=list)  # pool blocks (engine.memory manages them)
-    shared_blocks: int = 0  # leading blocks shared with the agent it was forked from
-    running: bool = False
+    tokens: list[int] = field(default_factory=list)  # what its cache holds, hot or on disk
     version: int = 0  # bumped whenever tokens or record change
     saved_version: int = -1  # version on disk (-1: never saved)
     disk_bytes: int = 0
     compatible: bool = True  # False: its file belongs to another model
     damaged: str | None = None
-    pending_save: Future | None = None
     save_error: str | None = None
     last_access: float = field(default_factory=time.monotonic)
     # Cache statistics for the gauges: tokens reused vs recomputed over this agent's life.
@@ -74,16 +69,6 @@ class Agent:
     @property
     def id(self) -> str:
         return self.record.id
-
-    @property
-    def hot(self) -> bool:
-        return self.cache is not None or self.running
-
-    @property
-    def tier(self) -> str:
-        if self.damaged:
-            return "damaged"
-        return "hot" if self.hot else "cold"
 
     @property
     def dirty(self) -> bool:
@@ -112,22 +97,21 @@ class AgentStore:
         fingerprint: str,
         model_id: str,
         block_tokens: int,
-        new_cache: Callable[[], list[Any]],
         metrics: Metrics | None = None,
-        geometry: disk.KVGeometry | None = None,
+        expect: disk.Expectations | None = None,
         max_agents: int = 0,
     ) -> None:
         self.metrics = metrics or Metrics()
-        self.geometry = geometry
+        self.expect = expect
         self.max_agents = max_agents  # 0: no limit
         self.agents_dir = agents_dir
-        self._new_cache = new_cache
         self.quarantine_dir = quarantine_dir
         self.fingerprint = fingerprint
         self.model_id = model_id
         self.index = PrefixIndex(block_tokens)
         self._agents: dict[str, Agent] = {}
         self._folded: dict[str, str] = {}  # lower-cased id -> id: ids are unique ignoring case
+        self._pending: dict[str, Future[tuple[int, int, float]]] = {}  # saves in flight, by agent
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-writer")
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-reader")
         # Turn journals are small and hold answers back until they are durable: they never wait
@@ -141,17 +125,15 @@ class AgentStore:
     # Start-up ------------------------------------------------------------------------------------
 
     def scan(self) -> None:
-        """List every saved agent as cold from its header; quarantine what does not verify."""
+        """List every saved agent (cold) from its header; quarantine what does not verify."""
         for tmp in disk.stale_temp_files(self.agents_dir):
             log.info("removing an unfinished save", file=tmp.name)
             tmp.unlink(missing_ok=True)
         for path in sorted(self.agents_dir.glob(f"*{disk.SUFFIX}")):
             try:
                 header = disk.read_header(path)
-                if header.fingerprint == self.fingerprint and self.geometry is not None:
-                    self.geometry.check_tokens(header.tokens)
-                    if header.shapes is not None:
-                        self.geometry.check_shapes(header.shapes, len(header.tokens))
+                if header.fingerprint == self.fingerprint and self.expect is not None:
+                    self.expect.check(header)
             except disk.CorruptAgentFile as exc:
                 self._quarantine(path, path.stem, str(exc))
                 continue
@@ -164,7 +146,7 @@ class AgentStore:
         for path in sorted(self.agents_dir.glob(f"*{disk.JOURNAL_SUFFIX}")):
             self._apply_journal(path)
         for agent in self._agents.values():
-            self._drop_messages(agent)
+            self.went_cold(agent)
         self._update_disk_gauge()
         log.info("agent store ready", agents=len(self._agents), folder=str(self.agents_dir))
 
@@ -203,63 +185,6 @@ class AgentStore:
         self._folded.setdefault(agent.id.lower(), agent.id)
         agent.message_count = len(agent.record.messages)
 
-    def _drop_messages(self, agent: Agent) -> None:
-        """Cold agents keep their conversation on disk only (bounded memory with many agents)."""
-        if agent.hot or agent.damaged or not agent.messages_loaded:
-            return
-        if agent.dirty and not agent.on_disk and agent.record.messages:
-            return  # nowhere to read it back from yet
-        agent.message_count = len(agent.record.messages)
-        agent.record.messages = []
-        agent.messages_loaded = False
-
-    def load_messages(self, agent: Agent) -> list[dict[str, Any]]:
-        """The agent's conversation, read from disk if it is not in memory (engine thread)."""
-        if agent.messages_loaded:
-            return agent.record.messages
-        record = self._record_on_disk(agent)
-        return record.messages if record is not None else []
-
-    def _record_on_disk(self, agent: Agent) -> AgentRecord | None:
-        """The newest record on disk: the turn journal's if it is newer than the file's."""
-        best: AgentRecord | None = None
-        try:
-            best = disk.read_header(disk.agent_path(self.agents_dir, agent.id)).record
-        except (disk.CorruptAgentFile, OSError):
-            best = None
-        jpath = disk.journal_path(self.agents_dir, agent.id)
-        if jpath.exists():
-            try:
-                record, _ = disk.read_journal(jpath)
-                if best is None or record.revision > best.revision:
-                    best = record
-            except disk.CorruptAgentFile:
-                pass
-        return best
-
-    def _restore_messages(self, agent: Agent) -> None:
-        if agent.messages_loaded:
-            return
-        record = self._record_on_disk(agent)
-        agent.record.messages = list(record.messages) if record is not None else []
-        agent.messages_loaded = True
-        agent.message_count = len(agent.record.messages)
-
-    def reset_to_disk(self, agent: Agent) -> None:
-        """After a failure: forget the agent's in-memory cache state; it continues from its file."""
-        self._wait_pending(agent)
-        agent.cache = None
-        tokens: list[int] = []
-        if agent.on_disk:
-            try:
-                tokens = disk.read_header(disk.agent_path(self.agents_dir, agent.id)).tokens
-            except (disk.CorruptAgentFile, OSError):
-                tokens = []
-                agent.saved_version = -1
-        agent.tokens = tokens
-        if agent.compatible and not agent.damaged:
-            self.index.set(agent.id, tokens)
-
     def close(self) -> None:
         # The writer hands journal removals to the journal thread: it stops last.
         self._reader.shutdown(wait=True)
@@ -268,7 +193,7 @@ class AgentStore:
 
     # Lookup --------------------------------------------------------------------------------------
 
-    def __contains__(self, agent_id: str) -> bool:
+    def __contains__(self, agent_id: object) -> bool:
         return agent_id in self._agents
 
     def __iter__(self) -> Iterator[Agent]:
@@ -283,15 +208,13 @@ class AgentStore:
             raise AgentNotFound(agent_id)
         return agent
 
-    def hot_agents(self) -> list[Agent]:
-        return [a for a in self._agents.values() if a.hot]
+    def owns(self, agent: Agent) -> bool:
+        """Whether this very agent object is still the store's (not deleted meanwhile)."""
+        return self._agents.get(agent.id) is agent
 
-    def best_prefix(self, tokens: list[int], *, idle_only: bool = True) -> PrefixMatch | None:
+    def best_prefix(self, tokens: list[int], *, exclude: set[str] | frozenset[str] = frozenset()) -> PrefixMatch | None:
         """The usable agent whose cached tokens share the longest prefix with `tokens`."""
-        eligible = [
-            a.id for a in self._agents.values()
-            if a.compatible and not a.damaged and not (idle_only and a.running)
-        ]
+        eligible = [a.id for a in self._agents.values() if a.compatible and not a.damaged and a.id not in exclude]
         depth, ids = self.index.candidates(tokens, eligible)
         if not ids:
             return None
@@ -337,16 +260,15 @@ class AgentStore:
             id=agent_id, display_name=display_name, system_prompt=system_prompt,
             sampling=sampling or Sampling(), forked_from=forked_from, implicit=implicit,
         )
-        agent = Agent(record=record, cache=None)
+        agent = Agent(record=record)
         self._register(agent)
         return agent
 
     def recyclable(self, protect: set[str]) -> Agent | None:
-        """The least recently used idle, unpinned agent created without a name (a stateless
-        client's conversation), to make room for a new one when the store is full."""
+        """The least recently used unpinned agent created without a name (a stateless client's
+        conversation), to make room for a new one when the store is full."""
         idle = [a for a in self._agents.values()
-                if a.record.implicit and not a.running and not a.record.pinned and a.id not in protect
-                and a.pending_save is None]
+                if a.record.implicit and not a.record.pinned and a.id not in protect and a.id not in self._pending]
         return min(idle, key=lambda a: a.last_access) if idle else None
 
     def rename(self, agent_id: str, display_name: str | None) -> Agent:
@@ -362,71 +284,138 @@ class AgentStore:
         return agent
 
     def forget(self, agent: Agent) -> None:
-        """Remove an agent from disk, then from memory (the caller released its blocks). If its
+        """Remove an agent from disk, then from memory (the caller released its hot state). If its
         files cannot be removed, nothing changes and StorageError says why."""
-        if agent.running:
-            raise AgentBusy(agent.id, "delete")
-        self._wait_pending(agent)
+        self.wait_pending(agent)
         self._journal.submit(lambda: None).result()  # a journal write in flight lands first
         for path in (disk.agent_path(self.agents_dir, agent.id), disk.journal_path(self.agents_dir, agent.id)):
             try:
                 path.unlink(missing_ok=True)
             except OSError as exc:
                 raise StorageError(f"could not delete agent {agent.id!r}: {exc.strerror or exc}") from exc
-        self._agents.pop(agent.id, None)
-        if self._folded.get(agent.id.lower()) == agent.id:
-            del self._folded[agent.id.lower()]
-        self.index.remove(agent.id)
-        agent.cache = None
+        self.unregister(agent)
         self._update_disk_gauge()
 
     def unregister(self, agent: Agent) -> None:
-        """Drop an agent that was never written (its creation failed) from memory only."""
-        self._agents.pop(agent.id, None)
+        """Drop an agent from memory only (its creation failed, or its files are gone)."""
+        if self._agents.get(agent.id) is agent:
+            del self._agents[agent.id]
         if self._folded.get(agent.id.lower()) == agent.id:
             del self._folded[agent.id.lower()]
         self.index.remove(agent.id)
 
-    def set_tokens(self, agent: Agent, tokens: list[int], cache: list[Any] | None) -> None:
+    def set_tokens(self, agent: Agent, tokens: list[int]) -> None:
         agent.tokens = tokens
-        agent.cache = cache
         agent.changed()
         if agent.compatible:
             self.index.set(agent.id, tokens)
 
+    # Conversations ---------------------------------------------------------------------------------
+
+    def went_cold(self, agent: Agent) -> None:
+        """Cold agents keep their conversation on disk only (bounded memory with many agents)."""
+        if agent.damaged or not agent.messages_loaded:
+            return
+        if agent.dirty and not agent.on_disk and agent.record.messages:
+            return  # nowhere to read it back from yet
+        agent.message_count = len(agent.record.messages)
+        agent.record.messages = []
+        agent.messages_loaded = False
+
+    def load_messages(self, agent: Agent) -> list[dict[str, Any]]:
+        """The agent's conversation, read from disk if it is not in memory."""
+        if agent.messages_loaded:
+            return agent.record.messages
+        record = self._record_on_disk(agent)
+        return record.messages if record is not None else []
+
+    def restore_messages(self, agent: Agent) -> None:
+        """The agent is hot again: its conversation comes back into memory (saves write it)."""
+        if agent.messages_loaded:
+            return
+        record = self._record_on_disk(agent)
+        agent.record.messages = list(record.messages) if record is not None else []
+        agent.messages_loaded = True
+        agent.message_count = len(agent.record.messages)
+
+    def _record_on_disk(self, agent: Agent) -> AgentRecord | None:
+        """The newest record on disk: the turn journal's if it is newer than the file's."""
+        best: AgentRecord | None = None
+        try:
+            best = disk.read_header(disk.agent_path(self.agents_dir, agent.id)).record
+        except (disk.CorruptAgentFile, OSError):
+            best = None
+        jpath = disk.journal_path(self.agents_dir, agent.id)
+        if jpath.exists():
+            try:
+                record, _ = disk.read_journal(jpath)
+                if best is None or record.revision > best.revision:
+                    best = record
+            except disk.CorruptAgentFile:
+                pass
+        return best
+
+    def reset_to_disk(self, agent: Agent) -> None:
+        """After a failure: the agent's tokens are what its file holds again (it has no hot cache)."""
+        self.wait_pending(agent)
+        tokens: list[int] = []
+        if agent.on_disk:
+            try:
+                tokens = disk.read_header(disk.agent_path(self.agents_dir, agent.id)).tokens
+            except (disk.CorruptAgentFile, OSError):
+                agent.saved_version = -1
+        agent.tokens = tokens
+        if agent.compatible and not agent.damaged:
+            self.index.set(agent.id, tokens)
+
     # Saving --------------------------------------------------------------------------------------
 
-    def save_async(self, agent: Agent) -> Future | None:
-        """Hand a snapshot of the agent to the writer thread. Engine thread only (touches MLX)."""
+    def saving(self, agent_id: str) -> bool:
+        return agent_id in self._pending
+
+    def save_async(self, agent: Agent, cache: kv.Cache | None) -> Future[tuple[int, int, float]] | None:
+        """Hand a snapshot of the agent (its record and `cache`, which holds `agent.tokens`) to the
+        writer thread. Engine thread only (it makes numpy views of MLX arrays)."""
         if agent.damaged or not agent.compatible:
             return None
-        if not agent.dirty and agent.pending_save is None:
+        if not agent.dirty and agent.id not in self._pending:
             return None
-        if agent.running:
-            raise AgentBusy(agent.id, "save")
-        layers = self._snapshot(agent)
+        if cache is None:
+            if agent.tokens:
+                raise StorageError(f"agent {agent.id!r} has tokens but no cache in memory to save")
+            states: list[kv.LayerState] = []
+        else:
+            if kv.tokens_held(cache) != len(agent.tokens):
+                raise StorageError(f"agent {agent.id!r}: its cache holds {kv.tokens_held(cache)} tokens, "
+                                   f"its record {len(agent.tokens)}")
+            states = kv.to_states(cache)
         record = copy.deepcopy(agent.record)
         tokens = list(agent.tokens)
         version = agent.version
         path = disk.agent_path(self.agents_dir, agent.id)
         fingerprint, model_id = self.fingerprint, self.model_id
-
         journal = disk.journal_path(self.agents_dir, agent.id)
         revision = record.revision
 
         def write() -> tuple[int, int, float]:
             start = time.perf_counter()
-            size = disk.write_agent_file(
-                path, record, tokens, layers, fingerprint=fingerprint, model_id=model_id
-            )
-            if journal.exists():  # on the journal's own thread, after any journal write in flight
-                with contextlib.suppress(RuntimeError):  # closing: the next start-up removes it
-                    self._journal.submit(disk.remove_journal_if_covered, journal, revision)
+            size = disk.write_agent_file(path, record, tokens, states, fingerprint=fingerprint, model_id=model_id)
+            # On the journal's own thread, so it runs after any journal write in flight (which may
+            # not have landed yet: checking for the file here would race with it).
+            with contextlib.suppress(RuntimeError):  # closing: the next start-up removes it
+                self._journal.submit(disk.remove_journal_if_covered, journal, revision)
             return version, size, time.perf_counter() - start
 
         future = self._writer.submit(write)
-        agent.pending_save = future
+        self._pending[agent.id] = future
         return future
+
+    def save(self, agent: Agent, cache: kv.Cache | None) -> None:
+        """Save now and wait (eviction, shutdown, explicit saves). Raises StorageError."""
+        self.save_async(agent, cache)
+        self.wait_pending(agent)
+        if agent.save_error:
+            raise StorageError(agent.save_error)
 
     def journal_async(self, agent: Agent) -> Future[float]:
         """Write the agent's record (the finished turn) durably on the journal thread; the future
@@ -442,32 +431,25 @@ class AgentStore:
 
         return self._journal.submit(write)
 
-    def save(self, agent: Agent) -> None:
-        """Save now and wait (eviction, shutdown, explicit saves). Raises StorageError."""
-        self.save_async(agent)
-        self._wait_pending(agent)
-        if agent.save_error:
-            raise StorageError(agent.save_error)
+    def poll_io(self) -> bool:
+        """Apply finished saves (engine thread); True while some are still in flight."""
+        for agent_id, fut in list(self._pending.items()):
+            if fut.done() and agent_id in self._agents:
+                self._finish_save(self._agents[agent_id], fut)
+            elif fut.done():
+                del self._pending[agent_id]
+        return bool(self._pending)
 
-    def poll_io(self) -> None:
-        """Apply finished saves (engine thread)."""
-        for agent in self._agents.values():
-            fut = agent.pending_save
-            if fut is not None and fut.done():
-                self._finish_save(agent, fut)
-
-    def _wait_pending(self, agent: Agent) -> None:
-        fut = agent.pending_save
+    def wait_pending(self, agent: Agent) -> None:
+        fut = self._pending.get(agent.id)
         if fut is not None:
-            try:
+            with contextlib.suppress(Exception):
                 fut.result()
-            except Exception:
-                pass
             self._finish_save(agent, fut)
 
-    def _finish_save(self, agent: Agent, fut: Future) -> None:
-        if agent.pending_save is fut:
-            agent.pending_save = None
+    def _finish_save(self, agent: Agent, fut: Future[tuple[int, int, float]]) -> None:
+        if self._pending.get(agent.id) is fut:
+            del self._pending[agent.id]
         try:
             version, size, seconds = fut.result()
         except Exception as exc:
@@ -483,45 +465,25 @@ class AgentStore:
         self.metrics.save_seconds.observe(seconds)
         self._update_disk_gauge()
 
-    def _snapshot(self, agent: Agent) -> disk.LayerArrays:
-        """numpy views of the cache, sliced to the cached tokens. Zero-copy: the views keep the MLX
-        arrays alive, and idle caches are never written in place (a running agent's cache lives in
-        the batch, not here)."""
-        if agent.cache is None:
-            if agent.tokens:
-                raise StorageError(f"agent {agent.id!r} has tokens but no cache in memory to save")
-            return []
-        if not agent.tokens or agent.cache[0].keys is None:
-            return []
-        import mlx.core as mx
-
-        arrays = []
-        for layer in agent.cache:
-            n = layer.offset
-            k = mx.contiguous(layer.keys[..., :n, :])
-            v = mx.contiguous(layer.values[..., :n, :])
-            arrays.append((k, v))
-        mx.eval(arrays)
-        return [(np.asarray(k), np.asarray(v)) for k, v in arrays]
-
     # Loading -------------------------------------------------------------------------------------
 
-    def read_async(self, agent: Agent) -> Future:
+    def read_async(self, agent: Agent) -> Future[ReadResult]:
         """Read and verify the agent's file on the reader thread (numpy only)."""
         path = disk.agent_path(self.agents_dir, agent.id)
-        fingerprint, geometry = self.fingerprint, self.geometry
+        fingerprint, expect = self.fingerprint, self.expect
 
-        def read() -> tuple[disk.AgentHeader, disk.LayerArrays, float]:
+        def read() -> ReadResult:
             start = time.perf_counter()
-            header, layers = disk.read_agent_file(path, fingerprint, geometry)
-            return header, layers, time.perf_counter() - start
+            header, states = disk.read_agent_file(path, fingerprint, expect)
+            return header, states, time.perf_counter() - start
 
         return self._reader.submit(read)
 
-    def finish_load(self, agent: Agent, fut: Future) -> None:
-        """Turn a finished read into a hot cache (engine thread). Quarantines a failed file."""
+    def finish_load(self, agent: Agent, fut: Future[ReadResult]) -> kv.Cache | None:
+        """Turn a finished read into a cache (engine thread); None for an agent that holds no tokens.
+        Quarantines a failed file (AgentDamaged)."""
         try:
-            header, layers, seconds = fut.result()
+            header, states, seconds = fut.result()
         except ModelMismatch:
             agent.compatible = False
             self.index.remove(agent.id)
@@ -534,35 +496,22 @@ class AgentStore:
         except FileNotFoundError as exc:
             self.metrics.loads.labels("error").inc()
             raise StorageError(f"the file of agent {agent.id!r} is gone") from exc
-        agent.cache = self.to_cache(layers) if layers else self._new_cache()
+        try:
+            cache = kv.from_states(states) if header.tokens else None
+        except Exception as exc:  # validated, yet MLX refused it: the file is not usable here
+            path = disk.agent_path(self.agents_dir, agent.id)
+            self._quarantine(path, agent.id, f"the cache could not be restored: {type(exc).__name__}")
+            raise AgentDamaged(f"agent {agent.id!r} could not be restored and was quarantined") from exc
         agent.tokens = header.tokens
-        self._restore_messages(agent)
+        self.restore_messages(agent)
         self.loads_total += 1
         self.metrics.loads.labels("ok").inc()
         self.metrics.load_seconds.observe(seconds)
-
-    def load(self, agent: Agent) -> None:
-        self.finish_load(agent, self.read_async(agent))
-
-    @staticmethod
-    def to_cache(layers: disk.LayerArrays) -> list[Any]:
-        import mlx.core as mx
-        from mlx_lm.models.cache import KVCache
-
-        caches = []
-        for k, v in layers:
-            c = KVCache()
-            c.keys, c.values = mx.array(k), mx.array(v)
-            c.offset = int(k.shape[2])
-            caches.append(c)
-        mx.eval([c.state for c in caches])
-        return caches
+        return cache
 
     # Quarantine ----------------------------------------------------------------------------------
 
     def _quarantine(self, path: Path, agent_id: str, reason: str) -> None:
-        import os
-
         target = None
         if os.path.lexists(path):  # a dangling symlink is moved aside too
             target = disk.quarantine(path, self.quarantine_dir, reason)
@@ -579,7 +528,6 @@ class AgentStore:
             agent = Agent(record=AgentRecord(id=agent_id))
             self._register(agent)
         agent.damaged = reason
-        agent.cache = None
         agent.tokens = []
         agent.saved_version = -1
         self.index.remove(agent_id)

@@ -13,20 +13,27 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from semantic_core.agents.record import validate_agent_id
-from semantic_core.api.messages import check_system_prompt
+from semantic_core.api.deps import ready_engine
 from semantic_core.api.schemas import AgentCreate, AgentFork, AgentPatch
 from semantic_core.engine.engine import Engine
 from semantic_core.engine.snapshot import AgentInfo
-from semantic_core.errors import EngineStopped, InvalidRequest
+from semantic_core.errors import InvalidRequest
 
 router = APIRouter(prefix="/v1/agents", tags=["agents"])
 
 
 def _engine(request: Request) -> Engine:
-    engine: Engine = request.app.state.engine
-    if not engine.ready:
-        raise EngineStopped("the model is still loading; retry shortly")
-    return engine
+    return ready_engine(request)
+
+
+def check_system_prompt(engine: Engine, system: str | None) -> None:
+    """Agents store their system prompt: it is bounded (SEMANTIC_AGENT_MAX_SYSTEM_PROMPT_CHARS)."""
+    limit = engine.settings.agent_max_system_prompt_chars
+    if system is not None and len(system) > limit:
+        raise InvalidRequest(
+            f"system_prompt: {len(system)} characters, over the limit of {limit} "
+            "(SEMANTIC_AGENT_MAX_SYSTEM_PROMPT_CHARS)"
+        )
 
 
 def agent_json(info: AgentInfo, *, preview: bool = False) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -31,11 +32,13 @@ from semantic_core.api.schemas import ERROR_RESPONSES
 from semantic_core.config import Settings
 from semantic_core.engine.engine import Engine
 from semantic_core.observability import get_logger
+from semantic_core.turns import TurnService
 
 log = get_logger("semantic.api")
 
 
-def create_app(engine: Engine, settings: Settings, *, owns_engine: bool = False) -> FastAPI:
+def create_app(engine: Engine, settings: Settings, *, owns_engine: bool = False,
+               turns: TurnService | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         starting = None
@@ -59,6 +62,7 @@ def create_app(engine: Engine, settings: Settings, *, owns_engine: bool = False)
     )
     app.state.engine = engine
     app.state.settings = settings
+    app.state.turns = turns or TurnService(engine, settings)
     errors.install(app)
     app.include_router(messages.router, tags=["messages"], responses=ERROR_RESPONSES)
     app.include_router(agents.router, responses=ERROR_RESPONSES)
@@ -84,7 +88,7 @@ def create_app(engine: Engine, settings: Settings, *, owns_engine: bool = False)
     return app
 
 
-def _report_start(task: asyncio.Task) -> None:
+def _report_start(task: asyncio.Task[Any]) -> None:
     exc = task.exception() if not task.cancelled() else None
     if exc is not None:
         log.error("the engine failed to start", error=str(exc))

@@ -10,11 +10,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from semantic_core.agents.record import validate_agent_id
+from semantic_core.api.deps import ready_engine, request_id, turns
 from semantic_core.api.errors import status_and_kind
 from semantic_core.api.schemas import (
     CountTokensRequest,
@@ -29,14 +29,14 @@ from semantic_core.engine.handle import RequestHandle
 from semantic_core.engine.types import (
     Failed,
     Finished,
-    GenerationRequest,
     GenerationResult,
     PrefillProgress,
     Started,
     TextDelta,
 )
-from semantic_core.errors import EngineStopped, InvalidRequest, ModelNotFound, SemanticError
+from semantic_core.errors import EngineStopped, ModelNotFound, SemanticError
 from semantic_core.observability import get_logger
+from semantic_core.turns import Turn, TurnService
 
 router = APIRouter()
 log = get_logger("semantic.api")
@@ -55,31 +55,6 @@ def check_model(engine: Engine, name: str) -> None:
     raise ModelNotFound(f"model {name!r} is not served here; this server serves {info.model_id!r}")
 
 
-def _engine(request: Request) -> Engine:
-    engine: Engine = request.app.state.engine
-    if not engine.ready:
-        raise EngineStopped("the model is still loading; retry shortly" if not engine.started
-                            else "the engine is not running")
-    return engine
-
-
-def check_system_prompt(engine: Engine, system: str | None) -> None:
-    """Agents store their system prompt: it is bounded (SEMANTIC_AGENT_MAX_SYSTEM_PROMPT_CHARS)."""
-    limit = engine.settings.agent_max_system_prompt_chars
-    if system is not None and len(system) > limit:
-        raise InvalidRequest(
-            f"system: {len(system)} characters, over the limit of {limit} (SEMANTIC_AGENT_MAX_SYSTEM_PROMPT_CHARS)"
-        )
-
-
-def _stored_system_prompt(engine: Engine, agent_id: str) -> str | None:
-    """A named agent's own system prompt (set when it was created) applies when a request gives none."""
-    for agent in engine.snapshot().agents:
-        if agent.id == agent_id:
-            return agent.system_prompt
-    return None
-
-
 def _usage(prompt: int, cached: int, output: int) -> dict[str, int]:
     # Every computed prompt token is cached for the next turn; `input_tokens` counts what was
     # computed, `cache_read_input_tokens` what was reused: together, the whole prompt.
@@ -92,30 +67,18 @@ async def create_message(
     body: MessagesRequest,
     request: Request,
     x_agent_id: str | None = Header(default=None),
+    engine: Engine = Depends(ready_engine),
+    service: TurnService = Depends(turns),
 ) -> Any:
-    engine = _engine(request)
     check_model(engine, body.model)
     chat, system = to_chat(body.messages, body.system)
-    if x_agent_id:
-        validate_agent_id(x_agent_id)
-    if system is None and x_agent_id:
-        system = _stored_system_prompt(engine, x_agent_id)
-    check_system_prompt(engine, system)
-    rendered = await engine.render_async(chat, system)
-    gen = GenerationRequest(
-        tokens=rendered.tokens,
-        max_tokens=body.max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
-        stop_sequences=list(body.stop_sequences or []),
-        agent_id=x_agent_id or None,
-        messages=chat,
-        system_prompt=system,
-        continues_text=rendered.continues_text,
-        request_id=request.scope.get("state", {}).get("request_id"),
+    turn = Turn(
+        messages=chat, system=system, agent_id=x_agent_id or None, max_tokens=body.max_tokens,
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        stop_sequences=list(body.stop_sequences or []), request_id=request_id(request),
     )
-    handle = engine.submit_async(gen)
+    started = await service.start(turn)
+    handle = started.handle
     events = handle.__aiter__()
     try:
         first = await events.__anext__()
@@ -241,9 +204,9 @@ async def _stream(
 
 
 @router.post("/v1/messages/count_tokens")
-async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:
-    engine = _engine(request)
+async def count_tokens(
+    body: CountTokensRequest, engine: Engine = Depends(ready_engine), service: TurnService = Depends(turns),
+) -> dict[str, int]:
     check_model(engine, body.model)
     chat, system = to_chat(body.messages, body.system)
-    rendered = await engine.render_async(chat, system)
-    return {"input_tokens": len(rendered.tokens)}
+    return {"input_tokens": await service.count_tokens(chat, system)}

@@ -1,4 +1,5 @@
-"""Running the API with uvicorn: `semantic serve` (headless) and the TUI's embedded server.
+"""Running the API with uvicorn: its configuration, the graceful server, and the app factory for
+`semantic serve --reload` (the runtime, `semantic_core/runtime.py`, runs it).
 
 Graceful shutdown on SIGTERM/SIGINT (uvicorn's own handling): stop accepting, let in-flight requests
 and streams finish for up to SEMANTIC_SERVER_DRAIN_SECONDS, then the app's lifespan stops the
@@ -8,7 +9,6 @@ engine, which saves every hot agent. A second start lists them all again (cold, 
 from __future__ import annotations
 
 import socket
-import threading
 
 import uvicorn
 
@@ -61,23 +61,6 @@ class EngineDied(SystemExit):
 
     def __init__(self) -> None:
         super().__init__(70)
-
-
-def serve(settings: Settings) -> None:
-    configure_logging(settings.server_log_level)
-    engine = Engine(settings)
-    app = create_app(engine, settings, owns_engine=True)
-    server = GracefulServer(uvicorn_config(app, settings))
-
-    def watchdog() -> None:
-        engine.dead.wait()
-        log.critical("the engine loop died: stopping the server so that it can be restarted")
-        server.should_exit = True
-
-    threading.Thread(target=watchdog, name="semantic-watchdog", daemon=True).start()
-    server.run()
-    if engine.crash is not None:
-        raise EngineDied()
 
 
 def reload_factory() -> object:

@@ -7,24 +7,25 @@ import contextlib
 import itertools
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 from semantic_core.engine.types import Event, Failed, Finished, GenerationRequest, GenerationResult, Started
 
-if TYPE_CHECKING:
-    from semantic_core.engine.engine import Engine
-
 
 class RequestHandle:
-    """The caller's side of one request: iterate events (sync or async), or cancel."""
+    """The caller's side of one request: iterate events (sync or async), or cancel.
+
+    `cancel_fn` asks the engine to cancel (the engine passes its own): the handle knows nothing
+    else of the engine."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, engine: Engine, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None):
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None,
+                 cancel_fn: Callable[[RequestHandle], None]) -> None:
         self.id = next(self._ids)
         self.request = request
-        self._engine = engine
+        self._cancel_fn = cancel_fn
         self._loop = loop
         self._sync: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._async: asyncio.Queue[Any] | None = asyncio.Queue() if loop is not None else None
@@ -33,7 +34,8 @@ class RequestHandle:
         self.error: Exception | None = None
         self.done = threading.Event()
 
-    def _push(self, event: Event) -> None:
+    def deliver(self, event: Event) -> None:
+        """The engine hands over the next event (any thread)."""
         if isinstance(event, Started):
             self.agent_id = event.agent_id
         elif isinstance(event, Finished):
@@ -49,7 +51,7 @@ class RequestHandle:
             self.done.set()
 
     def cancel(self) -> None:
-        self._engine._post(("cancel", self))
+        self._cancel_fn(self)
 
     def __iter__(self) -> Iterator[Event]:
         if self._async is not None:

@@ -1,196 +1,217 @@
-"""Agent operations of the engine: create, list, get, save, evict, load, pin, rename, delete, fork.
+"""Agent operations: create, list, get, save, evict, load, pin, rename, delete, fork.
 
-Each public method runs its work on the engine thread between two generation steps (`Engine.call`),
-because every one of them may touch MLX arrays. `Engine` inherits them; they use its store, memory
-manager and scheduling state.
+Each public method runs its work on the engine thread between two generation steps (through the
+engine's `call`), because every one of them may touch MLX arrays or the pool. They use the engine's
+parts explicitly: the store (records, files), residency (hot caches, blocks), admission (which
+agents are claimed or being loaded) and the KV adapter.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from semantic_core.agents.record import Sampling
-from semantic_core.agents.store import Agent
-from semantic_core.engine.snapshot import AgentInfo
+from semantic_core.agents.store import Agent, AgentStore
+from semantic_core.engine.admission import Admission
+from semantic_core.engine.residency import Residency
+from semantic_core.engine.snapshot import AgentInfo, agent_info
 from semantic_core.errors import AgentBusy, AgentDamaged, ModelMismatch, SemanticError
+from semantic_core.model import kv
+from semantic_core.observability import get_logger
 
-if TYPE_CHECKING:
-    from semantic_core.agents.store import AgentStore
-    from semantic_core.engine.block_pool import BlockPool
-    from semantic_core.engine.memory import MemoryManager
-    from semantic_core.model.loader import ModelInfo
+log = get_logger("semantic.engine")
+T = TypeVar("T")
 
 
 class AgentOperations:
-    store: AgentStore | None
-    memory: MemoryManager | None
-    pool: BlockPool | None
-    info: ModelInfo | None
-    _active_agents: dict[str, Any]
-    _new_agent: Any
-    _loading_agents: Any
+    def __init__(
+        self,
+        *,
+        call: Callable[[Callable[[], Any]], Any],
+        store: AgentStore,
+        residency: Residency,
+        admission: Admission,
+        new_cache: Callable[[], kv.Cache],
+        bytes_per_token: int,
+        running_tokens: Callable[[str], int],
+    ) -> None:
+        self._call = call
+        self.store = store
+        self.residency = residency
+        self.admission = admission
+        self.new_cache = new_cache
+        self.bytes_per_token = bytes_per_token
+        self.running_tokens = running_tokens
 
+    def info(self, agent: Agent) -> AgentInfo:
+        return agent_info(agent, self.residency, self.bytes_per_token, self.running_tokens(agent.id))
 
-    def create_agent(
-        self, agent_id: str | None = None, *, display_name: str | None = None, system_prompt: str | None = None,
-        sampling: Sampling | None = None,
-    ) -> AgentInfo:
+    def _busy(self, agent: Agent, action: str) -> None:
+        if self.residency.is_running(agent.id) or agent.id in self.admission.busy():
+            raise AgentBusy(agent.id, action)
+
+    # Operations ------------------------------------------------------------------------------------
+
+    def create(self, agent_id: str | None = None, *, display_name: str | None = None,
+               system_prompt: str | None = None, sampling: Sampling | None = None) -> AgentInfo:
         def op() -> AgentInfo:
-            assert self.store is not None and self.memory is not None
-            self.memory.make_hot_slot(self._active_agents)
-            agent = self._new_agent(agent_id, set(), display_name=display_name, system_prompt=system_prompt,
-                                    sampling=sampling)
-            agent.cache = self._new_cache()
+            self.residency.make_hot_slot(self.admission.busy())
+            agent = self.admission.new_agent(agent_id, set(), display_name=display_name, system_prompt=system_prompt,
+                                             sampling=sampling)
             agent.changed()
             try:
-                self.store.save(agent)  # an empty agent is still an agent after a restart
+                self.store.save(agent, None)  # an empty agent is still an agent after a restart
             except Exception:
                 self.store.unregister(agent)  # all or nothing: no agent that exists only in memory
                 raise
-            return self._info(agent)
-        return self.call(op)
+            self.residency.place(agent, self.new_cache())
+            return self.info(agent)
+        return self._run(op)
 
-    def list_agents(self) -> list[AgentInfo]:
-        return self.call(lambda: [self._info(a) for a in sorted(self.store, key=lambda a: a.id)])  # type: ignore[arg-type]
+    def all(self) -> list[AgentInfo]:
+        return self._run(lambda: [self.info(a) for a in sorted(self.store, key=lambda a: a.id)])
 
-    def get_agent(self, agent_id: str) -> tuple[AgentInfo, list[dict[str, Any]]]:
+    def get(self, agent_id: str) -> tuple[AgentInfo, list[dict[str, Any]]]:
         def op() -> tuple[AgentInfo, list[dict[str, Any]]]:
-            agent = self.store.get(agent_id)  # type: ignore[union-attr]
-            return self._info(agent), [dict(m) for m in self.store.load_messages(agent)]  # type: ignore[union-attr]
-        return self.call(op)
+            agent = self.store.get(agent_id)
+            return self.info(agent), [dict(m) for m in self.store.load_messages(agent)]
+        return self._run(op)
 
-    def save_agent(self, agent_id: str) -> AgentInfo:
+    def save(self, agent_id: str) -> AgentInfo:
         def op() -> AgentInfo:
-            agent = self.store.get(agent_id)  # type: ignore[union-attr]
-            if agent.running:
+            agent = self.store.get(agent_id)
+            if self.residency.is_running(agent.id):
                 raise AgentBusy(agent_id, "save")
-            if agent.hot:
-                self.store.save(agent)  # type: ignore[union-attr]
-            return self._info(agent)
-        return self.call(op)
+            if self.residency.is_hot(agent.id):
+                self.store.save(agent, self.residency.cache(agent.id))
+            return self.info(agent)
+        return self._run(op)
 
-    def evict_agent(self, agent_id: str) -> AgentInfo:
+    def evict(self, agent_id: str) -> AgentInfo:
         def op() -> AgentInfo:
-            agent = self.store.get(agent_id)  # type: ignore[union-attr]
-            if agent.running:
+            agent = self.store.get(agent_id)
+            if self.residency.is_running(agent.id):
                 raise AgentBusy(agent_id, "evict")
-            self.memory.evict(agent, reason="manual")  # type: ignore[union-attr]
-            return self._info(agent)
-        return self.call(op)
+            self.residency.evict(agent, reason="manual")
+            return self.info(agent)
+        return self._run(op)
 
-    def load_agent(self, agent_id: str) -> AgentInfo:
+    def load(self, agent_id: str) -> AgentInfo:
         def op() -> AgentInfo:
-            self._make_hot(self.store.get(agent_id))  # type: ignore[union-attr]
-            return self._info(self.store.get(agent_id))  # type: ignore[union-attr]
-        return self.call(op)
+            agent = self.store.get(agent_id)
+            self.make_hot(agent)
+            return self.info(agent)
+        return self._run(op)
 
-    def pin_agent(self, agent_id: str, pinned: bool = True) -> AgentInfo:
+    def pin(self, agent_id: str, pinned: bool = True) -> AgentInfo:
         def op() -> AgentInfo:
-            agent = self.store.set_pinned(agent_id, pinned)  # type: ignore[union-attr]
+            agent = self.store.set_pinned(agent_id, pinned)
             if pinned:
-                self._make_hot(agent)  # pinning keeps it hot, so it starts hot
-            self._save_quietly(agent) if agent.hot and not agent.running else None
-            if not agent.hot:
-                self._rewrite_cold(agent)
-            return self._info(agent)
-        return self.call(op)
+                self.make_hot(agent)  # pinning keeps it hot, so it starts hot
+            self._after_record_change(agent)
+            return self.info(agent)
+        return self._run(op)
 
-    def rename_agent(self, agent_id: str, display_name: str | None) -> AgentInfo:
+    def rename(self, agent_id: str, display_name: str | None) -> AgentInfo:
         def op() -> AgentInfo:
-            agent = self.store.rename(agent_id, display_name)  # type: ignore[union-attr]
-            if agent.hot and not agent.running:
-                self._save_quietly(agent)
-            elif not agent.hot:
-                self._rewrite_cold(agent)
-            return self._info(agent)
-        return self.call(op)
+            agent = self.store.rename(agent_id, display_name)
+            self._after_record_change(agent)
+            return self.info(agent)
+        return self._run(op)
 
-    def delete_agent(self, agent_id: str) -> None:
+    def delete(self, agent_id: str) -> None:
         def op() -> None:
-            agent = self.store.get(agent_id)  # type: ignore[union-attr]
-            if agent.running or agent_id in self._active_agents or agent_id in self._loading_agents():
-                raise AgentBusy(agent_id, "delete")
-            self.memory.release(agent)  # type: ignore[union-attr]
-            self.store.forget(agent)  # type: ignore[union-attr]
-        self.call(op)
+            agent = self.store.get(agent_id)
+            self._busy(agent, "delete")
+            self.store.forget(agent)  # raises, changing nothing, if its files cannot be removed
+            self.residency.release(agent.id)
+        self._run(op)
 
-    def fork_agent(self, agent_id: str, new_id: str | None = None, *, display_name: str | None = None) -> AgentInfo:
+    def fork(self, agent_id: str, new_id: str | None = None, *, display_name: str | None = None) -> AgentInfo:
         def op() -> AgentInfo:
-            assert self.store is not None and self.memory is not None
             parent = self.store.get(agent_id)
-            if parent.running:
+            if self.residency.is_running(parent.id):
                 raise AgentBusy(agent_id, "fork")
-            self._make_hot(parent)
-            self.memory.make_hot_slot({parent.id, *self._active_agents})
-            child = self.store.create(new_id, display_name=display_name, system_prompt=parent.record.system_prompt,
-                                      sampling=parent.record.sampling, forked_from=parent.id)
+            self.make_hot(parent)
+            self.residency.make_hot_slot({parent.id, *self.admission.busy()})
+            child = self.admission.new_agent(
+                new_id, {parent.id}, display_name=display_name, system_prompt=parent.record.system_prompt,
+                sampling=parent.record.sampling, forked_from=parent.id)
+            length = len(parent.tokens)
+            shared = kv.fork(self.residency.cache(parent.id), length)
             try:
-                self._fork_into(parent, child, len(parent.tokens))
+                if shared is None:  # a whole cache always forks; a partial one may not (sliding windows)
+                    raise SemanticError(f"the cache of agent {agent_id!r} cannot be forked")
+                self.residency.place(child, shared)
+                self.residency.fork_blocks(parent, child, length)
             except SemanticError:
-                self.memory.release(child)
-                self.store.forget(child)
+                self.residency.release(child.id)
+                self.store.unregister(child)
                 raise
+            self.store.set_tokens(child, list(parent.tokens))
             child.record.messages = [dict(m) for m in parent.record.messages]
             child.changed()
-            self._save_quietly(child)
-            return self._info(child)
-        return self.call(op)
+            self.save_quietly(child)
+            return self.info(child)
+        return self._run(op)
 
-    def _make_hot(self, agent: Agent) -> None:
-        assert self.store is not None and self.memory is not None
-        if agent.hot:
+    # Shared steps ------------------------------------------------------------------------------------
+
+    def _run(self, op: Callable[[], T]) -> T:
+        result: T = self._call(op)
+        return result
+
+    def make_hot(self, agent: Agent) -> None:
+        """Load an agent into memory now (engine thread; waits for the read)."""
+        if self.residency.is_hot(agent.id):
             agent.touch()
             return
         if agent.damaged:
             raise AgentDamaged(f"agent {agent.id!r} is damaged: {agent.damaged}")
         if not agent.compatible:
             raise ModelMismatch(f"agent {agent.id!r} was saved with another model")
-        protect = {agent.id, *self._active_agents}
-        self.memory.make_hot_slot(protect)
+        protect = {agent.id, *self.admission.busy()}
+        self.residency.make_hot_slot(protect)
         if agent.on_disk and agent.tokens:
             fut = self.store.read_async(agent)
             fut.exception()  # wait: explicit loads are synchronous for their caller
-            if fut.exception() is None:
-                self.memory.ensure(agent, len(fut.result()[0].tokens), protect=protect)
+            self.residency.place(agent, [])
             try:
-                self.store.finish_load(agent, fut)
+                if fut.exception() is None:
+                    self.residency.ensure(agent, len(fut.result()[0].tokens), protect=protect)
+                cache = self.store.finish_load(agent, fut)
             except SemanticError:
-                self.memory.release(agent)
+                self.residency.release(agent.id)
                 raise
+            self.residency.place(agent, cache if cache is not None else self.new_cache())
         else:
-            agent.cache = self._new_cache()
-            agent.tokens = []
+            self.store.restore_messages(agent)
+            self.residency.place(agent, self.new_cache())
+            if agent.tokens:
+                self.store.set_tokens(agent, [])
         agent.touch()
 
-    def _rewrite_cold(self, agent: Agent) -> None:
-        """A cold agent's record changed: load, save, evict (keeps the single-file format simple)."""
-        assert self.memory is not None and self.store is not None
+    def _after_record_change(self, agent: Agent) -> None:
+        """A record changed (name, pin): write it. A cold agent's file is rewritten through a load
+        (one file per agent keeps the format simple)."""
+        if self.residency.is_hot(agent.id):
+            if not self.residency.is_running(agent.id):
+                self.save_quietly(agent)
+            return
         if agent.damaged or not agent.compatible or not agent.on_disk:
             return
-        self._make_hot(agent)
+        self.make_hot(agent)
         agent.changed()
-        self.store.save(agent)
+        self.store.save(agent, self.residency.cache(agent.id))
         if not agent.record.pinned:
-            self.memory.evict(agent, reason="manual")
+            self.residency.evict(agent, reason="manual")
 
-    def _info(self, agent: Agent) -> AgentInfo:
-        assert self.info is not None and self.pool is not None
-        tokens = len(agent.tokens) if not agent.running else max(
-            len(agent.tokens), self._running_tokens(agent.id))
-        return AgentInfo(
-            id=agent.id, name=agent.record.name, tier=agent.tier, pinned=agent.record.pinned,
-            running=agent.running, tokens=tokens, blocks=len(agent.blocks), shared_blocks=agent.shared_blocks,
-            kv_bytes=tokens * self.info.bytes_per_token if agent.hot else 0, disk_bytes=agent.disk_bytes,
-            on_disk=agent.on_disk, dirty=agent.dirty, compatible=agent.compatible, damaged=agent.damaged,
-            created_at=agent.record.created_at, last_used=agent.record.last_used,
-            messages=agent.message_count, system_prompt=agent.record.system_prompt,
-            forked_from=agent.record.forked_from, reused_tokens=agent.reused_tokens,
-            computed_tokens=agent.computed_tokens, save_error=agent.save_error,
-            temperature=agent.record.sampling.temperature, max_tokens=agent.record.sampling.max_tokens,
-        )
-
-    def _running_tokens(self, agent_id: str) -> int:
-        seq = self._active_agents.get(agent_id)
-        if seq is None:
-            return 0
-        return seq.cache_tokens if seq.phase == "decode" else seq.cursor
+    def save_quietly(self, agent: Agent) -> None:
+        hot = self.residency.get(agent.id)
+        if hot is None or hot.running or hot.cache is None:
+            return
+        try:
+            self.store.save_async(agent, hot.cache)
+        except SemanticError as exc:
+            log.error("could not start saving an agent", agent=agent.id, error=str(exc))

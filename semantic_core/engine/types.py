@@ -23,6 +23,9 @@ class GenerationRequest:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None  # mlx-lm's logits processor; None or 1.0: off
+    repetition_context_size: int = 64
     stop_sequences: list[str] = field(default_factory=list)
     agent_id: str | None = None
     create_agent: bool = True

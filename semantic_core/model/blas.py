@@ -96,7 +96,7 @@ class _Unavailable(Exception):
 
 def _load_openblas() -> BlasInfo:
     try:
-        import scipy_openblas32  # type: ignore[import-not-found]
+        import scipy_openblas32
     except ImportError as exc:
         raise _Unavailable("the scipy-openblas32 package is not installed") from exc
     lib_dir = Path(scipy_openblas32.get_lib_dir())

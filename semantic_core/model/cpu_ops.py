@@ -110,19 +110,22 @@ def cpu_swiglu(gate: mx.array, x: mx.array) -> mx.array:
 
 
 def _make_sdpa(original: Any) -> Any:
-    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+    def scaled_dot_product_attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any,
+                                     scale: float, mask: Any, sinks: Any = None) -> mx.array:
         if (queries.shape[2] == 1 or sinks is not None or hasattr(cache, "bits")
                 or queries.dtype != mx.float32):
-            return original(queries, keys, values, cache, scale, mask, sinks)
+            result: mx.array = original(queries, keys, values, cache, scale, mask, sinks)
+            return result
         return cpu_attention(queries, keys, values, scale, mask)
 
     return scaled_dot_product_attention
 
 
 def _make_swiglu(original: Any) -> Any:
-    def swiglu(gate, x):
+    def swiglu(gate: mx.array, x: mx.array) -> mx.array:
         if gate.ndim < 2 or gate.shape[-2] == 1 or gate.dtype != mx.float32 or x.dtype != mx.float32:
-            return original(gate, x)
+            result: mx.array = original(gate, x)
+            return result
         return cpu_swiglu(gate, x)
 
     return swiglu

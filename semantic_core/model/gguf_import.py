@@ -86,7 +86,9 @@ def convert_gguf(src: Path, dest: Path, progress: Progress | None = None) -> Pat
 
     src = Path(src)
     inspect_gguf(src)
-    weights, meta = mx.load(str(src), return_metadata=True)
+    loaded: Any = mx.load(str(src), return_metadata=True)
+    weights: dict[str, Any] = loaded[0]
+    meta: dict[str, Any] = loaded[1]
 
     def meta_value(key: str, default: Any = None) -> Any:
         if key not in meta:
@@ -202,9 +204,10 @@ def _write_tokenizer(out: Path, meta: dict[str, Any], meta_value: Callable[..., 
         )
 
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
+    pairs = [(a, b) for a, _, b in (m.partition(" ") for m in merges)]
+    bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False)
     tok = Tokenizer(bpe)
-    steps = []
+    steps: list[Any] = []
     if _PRE_TOKENIZERS[pre]["individual_digits"]:
         steps.append(pre_tokenizers.Digits(individual_digits=True))
     steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))

@@ -17,8 +17,10 @@ from typing import Any
 
 from semantic_core.config import Settings
 from semantic_core.errors import ModelLoadError, UnsupportedModel
+from semantic_core.model import kv
 from semantic_core.model.blas import blas_info
 from semantic_core.model.gguf_import import Progress
+from semantic_core.model.kv import CacheSpec
 from semantic_core.model.registry import ResolvedModel, resolve
 
 _FULL_HASH_LIMIT = 1 << 30  # hash every byte of weights up to 1 GiB, sample beyond
@@ -42,8 +44,11 @@ class ModelInfo:
     blas: str
     fingerprint: str
     kernels: str = "mlx"
+    cache_spec: CacheSpec = field(default_factory=lambda: CacheSpec((), 0, 0, "float32"))
     vocab_size: int = 0  # rows of the output layer: token ids are below it, top_k at most it
     max_token_chars: int = 64  # the longest token's text: a prompt of N characters has >= N / this tokens
+    # The model's own sampling defaults (its generation_config.json): temperature, top_p, top_k, ...
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
     load_seconds: float = 0.0
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -64,6 +69,7 @@ class ModelInfo:
             "head_dim": self.head_dim,
             "kv_dtype": self.kv_dtype,
             "kv_bytes_per_token": self.bytes_per_token,
+            "kv_cache": self.cache_spec.describe(),
             "context_length": self.context_length,
             "weights": self.weights,
             "device": self.device,
@@ -101,7 +107,6 @@ def load(settings: Settings, *, progress: Progress | None = None, quiet: bool = 
 
 def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto", numpy_exp: bool = True) -> LoadedModel:
     import mlx.core as mx
-    from mlx_lm.models.cache import KVCache, make_prompt_cache
     from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
     start = time.perf_counter()
@@ -132,18 +137,19 @@ def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto", numpy_
             kernels = "mlx, with NumPy exponentials in " + " and ".join(
                 {"scaled_dot_product_attention": "prompt attention", "swiglu": "SwiGLU"}[n] for n in replaced)
 
-    # One token through a fresh cache tells the KV geometry whatever the architecture says.
-    cache = make_prompt_cache(model)
-    if not cache or not all(type(c) is KVCache for c in cache):
-        kinds = sorted({type(c).__name__ for c in cache})
+    # One token through a fresh cache tells the KV layout whatever the architecture says.
+    cache = kv.new_cache(model)
+    kinds = sorted({type(c).__name__ for c in cache})
+    if not cache or any(kind not in kv.KINDS for kind in kinds):
         raise UnsupportedModel(
-            f"{resolved.model_id}: its cache types {kinds} are not supported; agents need a plain "
-            "KV cache per layer (no sliding windows or recurrent state)"
+            f"{resolved.model_id}: its cache types {kinds} are not supported; agents need attention KV "
+            f"caches ({', '.join(kv.KINDS)}), not recurrent state"
         )
     logits = model(mx.array([[0]]), cache=cache)
     mx.eval(logits, [c.state for c in cache])
-    keys = cache[0].keys
-    kv_heads, head_dim, kv_dtype = int(keys.shape[1]), int(keys.shape[3]), keys.dtype
+    spec = kv.spec_of(cache)
+    kv_heads, head_dim = spec.kv_heads, spec.head_dim
+    kv_dtype = getattr(mx, spec.dtype)
 
     context = int(config.get("max_position_embeddings") or tokenizer.model_max_length or 2048)
     params = sum(v.size for _, v in _leaves(model.parameters()))
@@ -163,8 +169,10 @@ def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto", numpy_
         device=device,
         blas=str(blas_info()) if device == "cpu" else "n/a (GPU)",
         kernels=kernels,
+        cache_spec=spec,
         vocab_size=int(logits.shape[-1]),
         max_token_chars=_max_token_chars(tokenizer),
+        generation_defaults=generation_defaults(resolved.path),
         fingerprint=fingerprint(resolved.path, weights, str(kv_dtype)),
         load_seconds=time.perf_counter() - start,
     )
@@ -199,6 +207,29 @@ def fingerprint(path: Path, weights_mode: str, kv_dtype: str) -> str:
     return h.hexdigest()[:32]
 
 
+def generation_defaults(path: Path) -> dict[str, Any]:
+    """Sampling defaults from the model directory's generation_config.json (Hugging Face's format):
+    temperature, top_p, top_k, min_p, repetition_penalty; `do_sample: false` means greedy."""
+    import json
+
+    f = path / "generation_config.json"
+    try:
+        config = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, Any] = {}
+    for name, kind in (("temperature", float), ("top_p", float), ("top_k", int), ("min_p", float),
+                       ("repetition_penalty", float)):
+        value = config.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = kind(value)
+    if config.get("do_sample") is False:
+        out["temperature"] = 0.0
+    if out.get("top_k", 0) < 0:
+        out.pop("top_k")
+    return out
+
+
 def _max_token_chars(tokenizer: Any) -> int:
     """Characters of the longest token (vocabulary strings of byte-level BPE hold one character per
     byte, so this bounds the decoded text too). Used to refuse a prompt too long for the context by
@@ -224,4 +255,5 @@ def _param_dtype(model: Any) -> str:
 def _leaves(tree: Any) -> list[tuple[str, Any]]:
     from mlx.utils import tree_flatten
 
-    return tree_flatten(tree)
+    leaves: Any = tree_flatten(tree)
+    return list(leaves)

@@ -7,16 +7,16 @@ import sys
 
 from semantic_core.engine.engine import Engine
 
-_original_admit = Engine._admit
+_original_schedule = Engine._schedule
 
 
-def _broken_admit(self: Engine) -> None:
-    if self._waiting:
+def _broken_schedule(self: Engine) -> object:
+    if self.scheduler.waiting:
         raise SystemError("injected: a bug in the engine loop")
-    _original_admit(self)
+    return _original_schedule(self)
 
 
-Engine._admit = _broken_admit  # type: ignore[method-assign]
+Engine._schedule = _broken_schedule  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     from semantic_tui.cli import main

@@ -16,13 +16,14 @@ import numpy as np
 
 from semantic_core.agents import disk
 from semantic_core.agents.record import AgentRecord
+from semantic_core.model import kv
 
 FINGERPRINT = "test-fingerprint"
 
 
-def layers_for(version: int, tokens: int, n_layers: int = 6) -> list[tuple[np.ndarray, np.ndarray]]:
+def layers_for(version: int, tokens: int, n_layers: int = 6) -> list[kv.LayerState]:
     k = np.full((1, 2, tokens, 64), float(version), dtype=np.float32)
-    return [(k, k + 0.5) for _ in range(n_layers)]
+    return [kv.LayerState(kv.PLAIN, {"keys": k, "values": k + 0.5}, {"offset": tokens}) for _ in range(n_layers)]
 
 
 def save(agents_dir: Path, agent_id: str, version: int, tokens: int) -> None:

@@ -1,5 +1,6 @@
-"""Turning a sequence's tokens into the text a client sees: streaming detokenization that never
-splits a UTF-8 character, and stop sequences matched on text across token boundaries.
+"""Turning a sequence's tokens into what its caller sees: text deltas with streaming detokenization
+that never splits a UTF-8 character, stop sequences matched on text across token boundaries, and
+the final text.
 
 A stop string can straddle tokens ("Obs" + "ervation:"), so text is held back while its tail could
 still be the start of a stop string, and released once it cannot. The matched stop string and
@@ -9,10 +10,11 @@ everything after it are never emitted.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 
-def make_detokenizer_factory(tokenizer: Any) -> Any:
+def make_detokenizer_factory(tokenizer: Any) -> Callable[[], Any]:
     """A cheap per-request copy of mlx-lm's streaming detokenizer.
 
     mlx-lm's byte-level BPE detokenizer drops a leading space of the first token (an SPM habit).
@@ -24,7 +26,7 @@ def make_detokenizer_factory(tokenizer: Any) -> Any:
     template = tokenizer.detokenizer  # a reset copy; building the token map happened once, at load
     if isinstance(template, BPEStreamingDetokenizer):
         template = copy.copy(template)
-        template._maybe_trim_space = lambda text: text  # type: ignore[method-assign]
+        setattr(template, "_maybe_trim_space", lambda text: text)  # noqa: B010 (a method, replaced)
 
     def factory() -> Any:
         detok = copy.copy(template)
@@ -70,3 +72,44 @@ class StopMatcher:
         """The held-back tail, when generation ends without a match."""
         out, self._held = self._held, ""
         return out if self.matched is None else ""
+
+
+class TextOutput:
+    """The text of one answer as it is generated: `add(token)` returns the text that is safe to
+    show now, `finish()` the rest; `text` is everything shown; `stopped` is the stop string met."""
+
+    def __init__(self, detokenizer: Any, stops: list[str]) -> None:
+        self._detok = detokenizer
+        self._stops = StopMatcher(stops)
+        self._parts: list[str] = []
+
+    @property
+    def stopped(self) -> str | None:
+        return self._stops.matched
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    def add(self, token: int) -> str:
+        self._detok.add_token(token)
+        return self._emit(self._detok.last_segment)
+
+    def finish(self) -> str:
+        """The text still held back, when the answer ends for any reason but a stop string."""
+        if self._stops.matched is not None:
+            return ""
+        self._detok.finalize()
+        out = self._emit(self._detok.last_segment)
+        tail = self._stops.flush()
+        if tail:
+            self._parts.append(tail)
+        return out + tail
+
+    def _emit(self, segment: str) -> str:
+        if not segment:
+            return ""
+        out = self._stops.feed(segment)
+        if out:
+            self._parts.append(out)
+        return out
