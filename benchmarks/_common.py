@@ -113,8 +113,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(log_path: Path, cache_dir: Path, env: dict[str, str] | None = None,
-                   ) -> Iterator[tuple[str, subprocess.Popen]]:
+def running_server(
+    log_path: Path,
+    cache_dir: Path,
+    env: dict[str, str] | None = None,
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """`semantic serve` in a subprocess on a free port; yields (base URL, process) once the model is loaded.
 
     Stopped with SIGTERM (the graceful shutdown) at the end."""
@@ -122,10 +125,18 @@ def running_server(log_path: Path, cache_dir: Path, env: dict[str, str] | None =
 
     port = free_port()
     exe = Path(sys.executable).with_name("semantic")
-    cmd = [str(exe), "serve"] if exe.exists() else [sys.executable, "-c", "from semantic_tui.cli import main; main()",
-                                                    "serve"]
-    full_env = dict(os.environ, SEMANTIC_SERVER_HOST="127.0.0.1", SEMANTIC_SERVER_PORT=str(port),
-                    SEMANTIC_AGENT_CACHE_DIR=str(cache_dir), **(env or {}))
+    cmd = (
+        [str(exe), "serve"]
+        if exe.exists()
+        else [sys.executable, "-c", "from semantic_tui.cli import main; main()", "serve"]
+    )
+    full_env = dict(
+        os.environ,
+        SEMANTIC_SERVER_HOST="127.0.0.1",
+        SEMANTIC_SERVER_PORT=str(port),
+        SEMANTIC_AGENT_CACHE_DIR=str(cache_dir),
+        **(env or {}),
+    )
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
@@ -275,8 +286,10 @@ class Report:
             out.append(render_table("Goals", ["goal", "target", "measured", "verdict"], rows))
         load = m["load_average_at_start"][0]
         if m["cores"] and load > 0.5 * m["cores"]:
-            self.note(f"the machine was busy when this started (load average {load:.1f} on {m['cores']} cores): "
-                      "absolute numbers are pessimistic and noisy; trust the side-by-side ratios more.")
+            self.note(
+                f"the machine was busy when this started (load average {load:.1f} on {m['cores']} cores): "
+                "absolute numbers are pessimistic and noisy; trust the side-by-side ratios more."
+            )
         for n in self.data["notes"]:
             out.append(f"note: {n}")
         out.append(f"({self.data['seconds']} s)")
@@ -304,17 +317,54 @@ def json_safe(value: Any) -> Any:
 
 # Prompt text --------------------------------------------------------------------------------------
 
-_SUBJECTS = ["the lighthouse keeper", "a tired courier", "the old botanist", "a young engineer", "the harbour master",
-             "a travelling musician", "the village baker", "a patient cartographer", "the night nurse",
-             "a retired pilot"]
-_VERBS = ["wrote down", "remembered", "counted", "repaired", "described", "measured", "collected", "painted",
-          "argued about", "explained"]
-_OBJECTS = ["the broken compass", "seven green bottles", "a map of the northern coast", "the winter storms",
-            "an unfinished letter", "the price of copper", "a list of forgotten songs", "the tides of March",
-            "a box of brass keys", "the last train schedule"]
-_PLACES = ["near the river", "before sunrise", "in the quiet library", "at the crowded market", "on the hill road",
-           "during the long drought", "beside the station", "under the bridge", "in a rented room",
-           "after the festival"]
+_SUBJECTS = [
+    "the lighthouse keeper",
+    "a tired courier",
+    "the old botanist",
+    "a young engineer",
+    "the harbour master",
+    "a travelling musician",
+    "the village baker",
+    "a patient cartographer",
+    "the night nurse",
+    "a retired pilot",
+]
+_VERBS = [
+    "wrote down",
+    "remembered",
+    "counted",
+    "repaired",
+    "described",
+    "measured",
+    "collected",
+    "painted",
+    "argued about",
+    "explained",
+]
+_OBJECTS = [
+    "the broken compass",
+    "seven green bottles",
+    "a map of the northern coast",
+    "the winter storms",
+    "an unfinished letter",
+    "the price of copper",
+    "a list of forgotten songs",
+    "the tides of March",
+    "a box of brass keys",
+    "the last train schedule",
+]
+_PLACES = [
+    "near the river",
+    "before sunrise",
+    "in the quiet library",
+    "at the crowded market",
+    "on the hill road",
+    "during the long drought",
+    "beside the station",
+    "under the bridge",
+    "in a rented room",
+    "after the festival",
+]
 
 
 def sentences(seed: int, count: int) -> str:

@@ -94,8 +94,11 @@ def engine_decode(engine: Any, prompts: list[list[int]], max_tokens: int, tag: s
     ttfts = [r.time_to_first_token or 0.0 for r in results]
     steps, window = full_batch_window(results)
     return {
-        "batch": len(prompts), "full_batch_steps": steps, "window_s": window,
-        "tps": len(prompts) / (window / steps), "step_s": window / steps,
+        "batch": len(prompts),
+        "full_batch_steps": steps,
+        "window_s": window,
+        "tps": len(prompts) / (window / steps),
+        "step_s": window / steps,
         "first_token_spread_s": max(ttfts) - min(ttfts),
         "stop_reasons": sorted({r.stop_reason for r in results}),
         "early_stops": sum(1 for r in results if r.stop_reason != "max_tokens"),
@@ -140,15 +143,21 @@ def bare_decode(model: Any, prompts: list[list[int]], steps: int) -> dict[str, A
     mx.eval(nxt)
     window = stamps[-1] - stamps[0]
     n = len(prompts)
-    return {"batch": n, "tokens_after_first": n * (steps - 1), "window_s": window,
-            "tps": n * (steps - 1) / window, "step_s": window / (steps - 1)}
+    return {
+        "batch": n,
+        "tokens_after_first": n * (steps - 1),
+        "window_s": window,
+        "tps": n * (steps - 1) / window,
+        "step_s": window / (steps - 1),
+    }
 
 
 # (b) ------------------------------------------------------------------------------------------------------
 
 
-def short_during_long(engine: Any, long_prompt: list[int], shorts: list[list[int]],
-                      phases: list[float]) -> dict[str, Any]:
+def short_during_long(
+    engine: Any, long_prompt: list[int], shorts: list[list[int]], phases: list[float]
+) -> dict[str, Any]:
     from semantic_core.engine.types import Finished, GenerationRequest, PrefillProgress
 
     events: list[tuple[float, int]] = []
@@ -180,7 +189,7 @@ def short_during_long(engine: Any, long_prompt: list[int], shorts: list[list[int
         if not wait_events(seen):
             break
         with cond:
-            stamps = [t for t, _ in events[max(0, seen - 3):seen]]
+            stamps = [t for t, _ in events[max(0, seen - 3) : seen]]
             t2 = stamps[-1]
         # The unit: the shorter of the last two chunks (a noise spike in one must not shrink the ratio).
         chunk = min(b - a for a, b in itertools.pairwise(stamps))
@@ -191,15 +200,26 @@ def short_during_long(engine: Any, long_prompt: list[int], shorts: list[list[int
         with cond:
             done_by_then = len(events)
         ttft = res.time_to_first_token or 0.0
-        samples.append({"phase": phase, "ttft_s": ttft, "chunk_s": chunk, "ttft_chunks": ttft / chunk,
-                        "long_chunks_done_when_short_done": done_by_then})
+        samples.append(
+            {
+                "phase": phase,
+                "ttft_s": ttft,
+                "chunk_s": chunk,
+                "ttft_chunks": ttft / chunk,
+                "long_chunks_done_when_short_done": done_by_then,
+            }
+        )
         engine.delete_agent(res.agent_id)
         seen = done_by_then + 1  # next short: one chunk later (its unit includes the last short's final step)
     consumer.join()
     engine.delete_agent("long")
     chunks = [b[0] - a[0] for a, b in itertools.pairwise(events)]
-    return {"samples": samples, "progress_events": len(events), "chunk_s_all": chunks,
-            "long_ttft_s": finished[0].time_to_first_token if finished else None}
+    return {
+        "samples": samples,
+        "progress_events": len(events),
+        "chunk_s_all": chunks,
+        "long_ttft_s": finished[0].time_to_first_token if finished else None,
+    }
 
 
 # (d) ------------------------------------------------------------------------------------------------------
@@ -218,14 +238,17 @@ def mixed_lengths(engine: Any, long_prompt: list[int], shorts: list[list[int]], 
 
     def run(with_long: bool, with_shorts: bool, tag: str) -> dict[str, Any]:
         nonlocal history
-        base = engine.call(lambda: (mx.synchronize(), mx.clear_cache(), mx.reset_peak_memory(),
-                                    mx.get_active_memory())[-1])
+        base = engine.call(
+            lambda: (mx.synchronize(), mx.clear_cache(), mx.reset_peak_memory(), mx.get_active_memory())[-1]
+        )
         reqs = []
         if with_long:
             reqs.append(GenerationRequest(tokens=history, max_tokens=max_tokens, temperature=0.0, agent_id="history"))
         if with_shorts:
-            reqs += [GenerationRequest(tokens=p, max_tokens=max_tokens, temperature=0.0, agent_id=f"{tag}-{i}")
-                     for i, p in enumerate(shorts)]
+            reqs += [
+                GenerationRequest(tokens=p, max_tokens=max_tokens, temperature=0.0, agent_id=f"{tag}-{i}")
+                for i, p in enumerate(shorts)
+            ]
         with Gate(engine):
             handles = [engine.submit(r) for r in reqs]
         results = [h.wait() for h in handles]
@@ -236,23 +259,33 @@ def mixed_lengths(engine: Any, long_prompt: list[int], shorts: list[list[int]], 
             else:
                 engine.delete_agent(res.agent_id)
         steps, window = full_batch_window(results)
-        return {"sequences": len(reqs), "step_s": window / steps, "peak_over_idle_bytes": peak - base,
-                "contexts": [r.usage.prompt_tokens for r in results]}
+        return {
+            "sequences": len(reqs),
+            "step_s": window / steps,
+            "peak_over_idle_bytes": peak - base,
+            "contexts": [r.usage.prompt_tokens for r in results],
+        }
 
-    out = {"long alone": run(True, False, "d1"), "shorts alone": run(False, True, "d2"),
-           "long + shorts": run(True, True, "d3")}
+    out = {
+        "long alone": run(True, False, "d1"),
+        "shorts alone": run(False, True, "d2"),
+        "long + shorts": run(True, True, "d3"),
+    }
     engine.delete_agent("history")
     out["history_tokens"] = len(history)
     return out
 
 
 def main() -> None:
-    parser = make_parser("Decode scaling with concurrent agents (engine vs bare forward loop), a short request's "
-                         "TTFT during a long prefill, engine overhead per decode step, mixed history lengths.",
-                         epilog=__doc__)
+    parser = make_parser(
+        "Decode scaling with concurrent agents (engine vs bare forward loop), a short request's "
+        "TTFT during a long prefill, engine overhead per decode step, mixed history lengths.",
+        epilog=__doc__,
+    )
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 2 4 8 16; 1 2 4 with --quick)")
-    parser.add_argument("--max-tokens", type=int,
-                        help="generated tokens per agent in (a) (default 64; 16 with --quick)")
+    parser.add_argument(
+        "--max-tokens", type=int, help="generated tokens per agent in (a) (default 64; 16 with --quick)"
+    )
     parser.add_argument("--reps", type=int, help="repetitions of (a), best kept (default 2; 1 with --quick)")
     parser.add_argument("--long-tokens", type=int, help="the long prompt of (b) (default 4096; 1024 with --quick)")
     args = parser.parse_args()
@@ -277,8 +310,12 @@ def main() -> None:
     phases = [0.1, 0.5, 0.9]
 
     with tempfile.TemporaryDirectory(prefix="semantic-bench-") as tmp:
-        settings = Settings(agent_cache_dir=Path(tmp), agent_save_on_finish=False, mlx_max_batch_size=16,
-                            mlx_prefill_step_size=chunk_tokens)
+        settings = Settings(
+            agent_cache_dir=Path(tmp),
+            agent_save_on_finish=False,
+            mlx_max_batch_size=16,
+            mlx_prefill_step_size=chunk_tokens,
+        )
         assert max(batches) * (prompt_len - 1) <= chunk_tokens or args.batches, "prompts must prefill in one turn"
         engine = Engine(settings).start()
         try:
@@ -305,8 +342,12 @@ def main() -> None:
             interference = short_during_long(engine, long_prompt, shorts, phases)
             n_mixed = 7 if not args.quick else 3
             progress(f"(d) an agent with a {mixed_tokens}-token history and {n_mixed} short agents, alone and together")
-            mixed = mixed_lengths(engine, long_prompt[:mixed_tokens],
-                                  counting_prompts(engine.tokenizer, n_mixed, prompt_len, seed=6000), mixed_steps)
+            mixed = mixed_lengths(
+                engine,
+                long_prompt[:mixed_tokens],
+                counting_prompts(engine.tokenizer, n_mixed, prompt_len, seed=6000),
+                mixed_steps,
+            )
         finally:
             engine.stop(save=False)
 
@@ -317,16 +358,44 @@ def main() -> None:
         e, r = best["engine"][b], best["bare"][b]
         es, rs = ratio(e["tps"], e1["tps"]), ratio(r["tps"], r1["tps"])
         share = ratio(es, rs)
-        rows.append([str(b), fmt(e["tps"]), fmt(r["tps"]), fmt_x(es), fmt_x(rs), f"{fmt(share * 100)}%",
-                     fmt(e["step_s"] * 1000), fmt(r["step_s"] * 1000), f"{fmt((e['step_s'] / r['step_s'] - 1) * 100)}%",
-                     str(e["early_stops"])])
-        scaling[str(b)] = {"engine": e, "bare": r, "engine_speedup": es, "bare_speedup": rs, "share": share,
-                           "step_overhead": e["step_s"] / r["step_s"] - 1}
+        rows.append(
+            [
+                str(b),
+                fmt(e["tps"]),
+                fmt(r["tps"]),
+                fmt_x(es),
+                fmt_x(rs),
+                f"{fmt(share * 100)}%",
+                fmt(e["step_s"] * 1000),
+                fmt(r["step_s"] * 1000),
+                f"{fmt((e['step_s'] / r['step_s'] - 1) * 100)}%",
+                str(e["early_stops"]),
+            ]
+        )
+        scaling[str(b)] = {
+            "engine": e,
+            "bare": r,
+            "engine_speedup": es,
+            "bare_speedup": rs,
+            "share": share,
+            "step_overhead": e["step_s"] / r["step_s"] - 1,
+        }
     report.table(
         f"(a) aggregate decode tokens/s, {max_tokens} tokens per agent, prompts of {prompt_len} tokens, best of "
         f"{reps}; engine timed while the whole batch was decoding",
-        ["batch", "engine tok/s", "bare tok/s", "engine speedup", "bare speedup", "engine share of bare scaling",
-         "engine ms/step", "bare ms/step", "engine overhead/step", "early stops"], rows,
+        [
+            "batch",
+            "engine tok/s",
+            "bare tok/s",
+            "engine speedup",
+            "bare speedup",
+            "engine share of bare scaling",
+            "engine ms/step",
+            "bare ms/step",
+            "engine overhead/step",
+            "early stops",
+        ],
+        rows,
     )
     top = str(batches[-1])
     if batches[-1] > 1:
@@ -334,16 +403,22 @@ def main() -> None:
         report.goal(f"(a) engine share of bare scaling at batch {top}", ">= 90%", f"{fmt(share * 100)}%", share >= 0.9)
 
     # (b) interference
-    s_rows = [[fmt(s["phase"]), fmt(s["ttft_s"]), fmt(s["chunk_s"]), fmt(s["ttft_chunks"])]
-              for s in interference["samples"]]
+    s_rows = [
+        [fmt(s["phase"]), fmt(s["ttft_s"]), fmt(s["chunk_s"]), fmt(s["ttft_chunks"])] for s in interference["samples"]
+    ]
     report.table(
         f"(b) short request ({prompt_len} tokens) during a {long_tokens}-token prefill, {chunk_tokens}-token chunks",
-        ["arrival (fraction of a chunk)", "TTFT s", "chunk s", "TTFT in chunks"], s_rows,
+        ["arrival (fraction of a chunk)", "TTFT s", "chunk s", "TTFT in chunks"],
+        s_rows,
     )
     worst = max((s["ttft_chunks"] for s in interference["samples"]), default=float("nan"))
     mean = median([s["ttft_chunks"] for s in interference["samples"]])
-    report.goal("(b) short TTFT during a long prefill", "< 2 chunks (worst arrival)", f"{fmt(worst)} chunks "
-                f"(median {fmt(mean)})", worst < 2 if interference["samples"] else None)
+    report.goal(
+        "(b) short TTFT during a long prefill",
+        "< 2 chunks (worst arrival)",
+        f"{fmt(worst)} chunks (median {fmt(mean)})",
+        worst < 2 if interference["samples"] else None,
+    )
 
     # (d) mixed lengths
     d_rows = []
@@ -356,42 +431,65 @@ def main() -> None:
     report.table(
         f"(d) mixed history lengths: one agent with {mixed['history_tokens']:,} tokens of history and short agents "
         f"({prompt_len} tokens), {mixed_steps} tokens each",
-        ["decoding", "sequences", "ms/step", "peak MLX memory over idle, MB"], d_rows,
+        ["decoding", "sequences", "ms/step", "peak MLX memory over idle, MB"],
+        d_rows,
     )
     alone_sum = mixed["long alone"]["step_s"] + sa
-    report.note(f"(d) with the long-history agent decoding too, a step took {fmt_x(ratio(both, sa))} as long as the "
-                f"short agents' alone ({fmt_x(ratio(both, alone_sum))} the two groups' steps added up), and peak "
-                f"memory was {fmt_x(mem_ratio)} that of the two groups alone. The engine decodes sequences whose "
-                "cache lengths differ by more than 256 tokens and 2x in separate batches, because mlx-lm's "
-                "BatchKVCache left-pads a batch to its longest sequence (each short agent would attend over, and "
-                "hold memory for, the long history): about 1x on both counts means no padding.")
+    report.note(
+        f"(d) with the long-history agent decoding too, a step took {fmt_x(ratio(both, sa))} as long as the "
+        f"short agents' alone ({fmt_x(ratio(both, alone_sum))} the two groups' steps added up), and peak "
+        f"memory was {fmt_x(mem_ratio)} that of the two groups alone. The engine decodes sequences whose "
+        "cache lengths differ by more than 256 tokens and 2x in separate batches, because mlx-lm's "
+        "BatchKVCache left-pads a batch to its longest sequence (each short agent would attend over, and "
+        "hold memory for, the long history): about 1x on both counts means no padding."
+    )
 
     n_short = mixed["shorts alone"]["sequences"]
     hist = mixed["history_tokens"]
     pool_mb = (hist + n_short * (prompt_len + mixed_steps)) * info.bytes_per_token / 1e6
     padded_mb = (n_short + 1) * (hist + mixed_steps) * info.bytes_per_token / 1e6
-    report.note(f"(d) KV the block pool accounts for in that run: about {fmt(pool_mb)} MB; one batch padded to the "
-                f"long history would hold about {fmt(padded_mb)} MB ({info.bytes_per_token:,} bytes per token).")
-    mixed_summary = {"short_step_slowdown": ratio(both, sa), "step_over_groups_added": ratio(both, alone_sum),
-                     "peak_memory_ratio": mem_ratio,
-                     "pool_accounted_mb": pool_mb, "padded_batch_mb": padded_mb}
+    report.note(
+        f"(d) KV the block pool accounts for in that run: about {fmt(pool_mb)} MB; one batch padded to the "
+        f"long history would hold about {fmt(padded_mb)} MB ({info.bytes_per_token:,} bytes per token)."
+    )
+    mixed_summary = {
+        "short_step_slowdown": ratio(both, sa),
+        "step_over_groups_added": ratio(both, alone_sum),
+        "peak_memory_ratio": mem_ratio,
+        "pool_accounted_mb": pool_mb,
+        "padded_batch_mb": padded_mb,
+    }
 
     # (c) overhead
     for b in (1, 8):
         if str(b) in scaling:
             over = scaling[str(b)]["step_overhead"]
             report.goal(f"(c) engine overhead per decode step, batch {b}", "< 5%", f"{fmt(over * 100)}%", over < 0.05)
-    report.note(f"{info.weights}, BLAS {info.blas}. The bare loop samples with argmax; the engine runs mlx-lm's "
-                "GenerationBatch (log-softmax, sampler, stop checks) plus its own bookkeeping, detokenizing and "
-                "events.")
+    report.note(
+        f"{info.weights}, BLAS {info.blas}. The bare loop samples with argmax; the engine runs mlx-lm's "
+        "GenerationBatch (log-softmax, sampler, stop checks) plus its own bookkeeping, detokenizing and "
+        "events."
+    )
     if args.quick:
-        report.note(f"--quick: {chunk_tokens}-token prefill chunks (512 in the full run) so the short prompt "
-                    "still meets several chunks.")
-    report.results.update({
-        "batches": batches, "max_tokens": max_tokens, "reps": reps, "prompt_tokens": prompt_len,
-        "scaling": scaling, "interference": interference, "chunk_tokens": chunk_tokens,
-        "long_tokens": long_tokens, "mixed_lengths": mixed, "mixed_summary": mixed_summary, "model": model_facts(info),
-    })
+        report.note(
+            f"--quick: {chunk_tokens}-token prefill chunks (512 in the full run) so the short prompt "
+            "still meets several chunks."
+        )
+    report.results.update(
+        {
+            "batches": batches,
+            "max_tokens": max_tokens,
+            "reps": reps,
+            "prompt_tokens": prompt_len,
+            "scaling": scaling,
+            "interference": interference,
+            "chunk_tokens": chunk_tokens,
+            "long_tokens": long_tokens,
+            "mixed_lengths": mixed,
+            "mixed_summary": mixed_summary,
+            "model": model_facts(info),
+        }
+    )
     report.finish(args.json)
 
 

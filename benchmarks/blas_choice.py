@@ -97,8 +97,11 @@ def worker(backend: str, min_seconds: float) -> None:
         med = times[len(times) // 2]
         flops = 2.0 * m * k * n
         out["shapes"][name] = {
-            "best_seconds": best, "median_seconds": med, "calls": len(times),
-            "gflops_best": flops / best / 1e9, "gflops_median": flops / med / 1e9,
+            "best_seconds": best,
+            "median_seconds": med,
+            "calls": len(times),
+            "gflops_best": flops / best / 1e9,
+            "gflops_median": flops / med / 1e9,
         }
     print(_MARK + json.dumps(out), flush=True)
 
@@ -112,7 +115,7 @@ def run_worker(label: str, min_seconds: float) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     for line in proc.stdout.splitlines():
         if line.startswith(_MARK):
-            return json.loads(line[len(_MARK):])
+            return json.loads(line[len(_MARK) :])
     raise RuntimeError(f"the {backend} worker failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
 
 
@@ -182,42 +185,65 @@ def main() -> None:
             if "reference" in measured:
                 row += [fmt_x(ratio(got[b][name], got["reference"][name])) for b in measured if b != "reference"]
             rows.append(row)
-        what = {"as found": "the machine as found (see its load average)",
-                "one core busy": "one core kept busy by an extra process",
-                "both cores busy": "two extra processes keeping both cores busy"}[condition]
+        what = {
+            "as found": "the machine as found (see its load average)",
+            "one core busy": "one core kept busy by an extra process",
+            "both cores busy": "two extra processes keeping both cores busy",
+        }[condition]
         report.table(f"sgemm GFLOP/s, {what}: median call, median of {rounds} round(s)", columns, rows)
         ratios[condition] = {
             b: {name: ratio(got[b][name], got["reference"][name]) for name, *_ in SHAPES}
-            for b in measured if b != "reference" and "reference" in measured
+            for b in measured
+            if b != "reference" and "reference" in measured
         }
     rows = []
     for name, *_ in SHAPES:
-        rows.append([name, *[fmt_x(ratio(best[c][b][name], best["as found"][b][name]))
-                             for c in conditions[1:] for b in measured]])
-    report.table("Busy over as found (1.0x: unaffected; on an idle 2-core machine about 0.5x is a fair share with "
-                 "one core taken, about 0.33x with both)",
-                 ["shape", *[f"{b}, {c}" for c in conditions[1:] for b in measured]], rows)
+        rows.append(
+            [
+                name,
+                *[fmt_x(ratio(best[c][b][name], best["as found"][b][name])) for c in conditions[1:] for b in measured],
+            ]
+        )
+    report.table(
+        "Busy over as found (1.0x: unaffected; on an idle 2-core machine about 0.5x is a fair share with "
+        "one core taken, about 0.33x with both)",
+        ["shape", *[f"{b}, {c}" for c in conditions[1:] for b in measured]],
+        rows,
+    )
     decode = [n for n, *_ in SHAPES if n.startswith("decode")]
-    rows = [[f"{b}, {c}", *[fmt(worst[c][b].get(n)) for n in decode], *[fmt(best[c][b].get(n)) for n in decode]]
-            for c in conditions for b in measured]
-    report.table(f"Decode shapes: worst and median of {rounds} round(s), GFLOP/s",
-                 ["BLAS, condition", *[f"worst: {n.split(' ', 1)[1]}" for n in decode],
-                  *[f"median: {n.split(' ', 1)[1]}" for n in decode]], rows)
-    report.results.update({
-        "rounds": rounds,
-        "gflops": {c: {b: best[c][b] for b in measured} for c in conditions},
-        "gflops_worst_round": {c: {b: worst[c][b] for b in measured} for c in conditions},
-        "gflops_every_round": {c: {b: per_round[c][b] for b in measured} for c in conditions},
-        "details": {b: detail.get(b) for b in measured},
-        "skipped": skipped,
-        "ratios_vs_reference": ratios,
-    })
+    rows = [
+        [f"{b}, {c}", *[fmt(worst[c][b].get(n)) for n in decode], *[fmt(best[c][b].get(n)) for n in decode]]
+        for c in conditions
+        for b in measured
+    ]
+    report.table(
+        f"Decode shapes: worst and median of {rounds} round(s), GFLOP/s",
+        [
+            "BLAS, condition",
+            *[f"worst: {n.split(' ', 1)[1]}" for n in decode],
+            *[f"median: {n.split(' ', 1)[1]}" for n in decode],
+        ],
+        rows,
+    )
+    report.results.update(
+        {
+            "rounds": rounds,
+            "gflops": {c: {b: best[c][b] for b in measured} for c in conditions},
+            "gflops_worst_round": {c: {b: worst[c][b] for b in measured} for c in conditions},
+            "gflops_every_round": {c: {b: per_round[c][b] for b in measured} for c in conditions},
+            "details": {b: detail.get(b) for b in measured},
+            "skipped": skipped,
+            "ratios_vs_reference": ratios,
+        }
+    )
     for b in measured:
         report.note(f"{b}: {detail[b]}")
-    report.note("Float32 matmul in nn.Linear layout (x @ W.T). openblas: its default thread pool (one per core), "
-                "as the engine runs it; openblas-1t: OPENBLAS_NUM_THREADS=1. 'one core busy': a second process "
-                "spins in a Python loop during the measurement, as a busy neighbour (a compiler, a test run, the "
-                "HTTP event loop) would; 'both cores busy': two such processes.")
+    report.note(
+        "Float32 matmul in nn.Linear layout (x @ W.T). openblas: its default thread pool (one per core), "
+        "as the engine runs it; openblas-1t: OPENBLAS_NUM_THREADS=1. 'one core busy': a second process "
+        "spins in a Python loop during the measurement, as a busy neighbour (a compiler, a test run, the "
+        "HTTP event loop) would; 'both cores busy': two such processes."
+    )
     report.finish(args.json)
 
 

@@ -23,8 +23,7 @@ from _common import Report, fmt, fmt_x, make_parser, model_facts, progress, rati
 
 
 def main() -> None:
-    parser = make_parser("Prompt chunks on CPU: NumPy exponentials vs MLX's own (attention, SwiGLU).",
-                         epilog=__doc__)
+    parser = make_parser("Prompt chunks on CPU: NumPy exponentials vs MLX's own (attention, SwiGLU).", epilog=__doc__)
     parser.add_argument("--rounds", type=int, help="alternating rounds, best kept (default 3; 1 with --quick)")
     args = parser.parse_args()
 
@@ -69,7 +68,7 @@ def main() -> None:
     def fill(n: int) -> list[Any]:
         cache = make_prompt_cache(model)
         for start in range(0, n, 512):
-            model(mx.array([tokens[start:min(start + 512, n)]]), cache=cache)
+            model(mx.array([tokens[start : min(start + 512, n)]]), cache=cache)
             mx.eval([c.state for c in cache])
         return cache
 
@@ -79,16 +78,18 @@ def main() -> None:
         cache = caches[n]
         for c in cache:
             c.offset = n  # drop the previous repetition's turn
-        model(mx.array([tokens[n:n + 43]]), cache=cache)
+        model(mx.array([tokens[n : n + 43]]), cache=cache)
         mx.eval([c.state for c in cache])
 
-    attention_shapes = [(43, 1024), (512, 2048)] if args.quick else [(43, 1024), (43, 4096), (512, 2048),
-                                                                      (512, 4096)]
+    attention_shapes = [(43, 1024), (512, 2048)] if args.quick else [(43, 1024), (43, 4096), (512, 2048), (512, 4096)]
     mx.random.seed(0)
     qkv = {}
     for rows, span in attention_shapes:
-        qkv[(rows, span)] = (mx.random.normal((1, 9, rows, 64)), mx.random.normal((1, 3, span, 64)),
-                             mx.random.normal((1, 3, span, 64)))
+        qkv[(rows, span)] = (
+            mx.random.normal((1, 9, rows, 64)),
+            mx.random.normal((1, 3, span, 64)),
+            mx.random.normal((1, 3, span, 64)),
+        )
         mx.eval(*qkv[(rows, span)])
 
     timings: dict[str, dict[str, float]] = {"mlx": {}, "numpy": {}}
@@ -108,7 +109,8 @@ def main() -> None:
                     fn = lambda q=q, k=k, v=v: mx.eval(cpu_ops.cpu_attention(q, k, v, 0.125, "causal"))  # noqa: E731
                 else:
                     fn = lambda q=q, k=k, v=v: mx.eval(  # noqa: E731
-                        mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal"))
+                        mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
+                    )
                 keep(mode, f"attention {rows}x{span}", best(fn, reps=5))
             for n in histories:
                 keep(mode, f"turn {n}", best(lambda n=n: turn(n)))
@@ -118,17 +120,37 @@ def main() -> None:
     rows = []
     for rows_, span in attention_shapes:
         key = f"attention {rows_}x{span}"
-        rows.append([f"one attention call, {rows_} query rows on {span:,} keys", fmt(timings["mlx"][key] * 1e3),
-                     fmt(timings["numpy"][key] * 1e3), fmt_x(ratio(timings["mlx"][key], timings["numpy"][key]))])
+        rows.append(
+            [
+                f"one attention call, {rows_} query rows on {span:,} keys",
+                fmt(timings["mlx"][key] * 1e3),
+                fmt(timings["numpy"][key] * 1e3),
+                fmt_x(ratio(timings["mlx"][key], timings["numpy"][key])),
+            ]
+        )
     for n in histories:
         key = f"turn {n}"
-        rows.append([f"43-token turn on a {n:,}-token history (whole model)", fmt(timings["mlx"][key] * 1e3),
-                     fmt(timings["numpy"][key] * 1e3), fmt_x(ratio(timings["mlx"][key], timings["numpy"][key]))])
-    rows.append([f"{prefill_len:,}-token prompt in 512-token chunks (whole model)",
-                 fmt(timings["mlx"]["prefill"] * 1e3), fmt(timings["numpy"]["prefill"] * 1e3),
-                 fmt_x(ratio(timings["mlx"]["prefill"], timings["numpy"]["prefill"]))])
-    report.table(f"Milliseconds, best of {rounds} alternating round(s); BLAS threads {threads}",
-                 ["what", "MLX's functions", "NumPy exponentials", "speed-up"], rows)
+        rows.append(
+            [
+                f"43-token turn on a {n:,}-token history (whole model)",
+                fmt(timings["mlx"][key] * 1e3),
+                fmt(timings["numpy"][key] * 1e3),
+                fmt_x(ratio(timings["mlx"][key], timings["numpy"][key])),
+            ]
+        )
+    rows.append(
+        [
+            f"{prefill_len:,}-token prompt in 512-token chunks (whole model)",
+            fmt(timings["mlx"]["prefill"] * 1e3),
+            fmt(timings["numpy"]["prefill"] * 1e3),
+            fmt_x(ratio(timings["mlx"]["prefill"], timings["numpy"]["prefill"])),
+        ]
+    )
+    report.table(
+        f"Milliseconds, best of {rounds} alternating round(s); BLAS threads {threads}",
+        ["what", "MLX's functions", "NumPy exponentials", "speed-up"],
+        rows,
+    )
 
     # How far the numbers move.
     prompt = mx.array([tokens[:300]])
@@ -138,11 +160,14 @@ def main() -> None:
     ours = np.array(model(prompt, cache=make_prompt_cache(model))[0])
     drift = float(np.abs(plain - ours).max())
     same = float((plain.argmax(-1) == ours.argmax(-1)).mean())
-    report.table("Logits of a 300-token prompt, MLX's functions vs NumPy exponentials",
-                 ["largest |difference|", "logit range", "same greedy token"],
-                 [[f"{drift:.2e}", f"{float(plain.min()):.1f} .. {float(plain.max()):.1f}", f"{same:.1%}"]])
-    report.results.update({"timings_seconds": timings, "logit_max_abs_diff": drift, "greedy_agreement": same,
-                           "blas_threads": threads})
+    report.table(
+        "Logits of a 300-token prompt, MLX's functions vs NumPy exponentials",
+        ["largest |difference|", "logit range", "same greedy token"],
+        [[f"{drift:.2e}", f"{float(plain.min()):.1f} .. {float(plain.max()):.1f}", f"{same:.1%}"]],
+    )
+    report.results.update(
+        {"timings_seconds": timings, "logit_max_abs_diff": drift, "greedy_agreement": same, "blas_threads": threads}
+    )
     report.finish(args.json)
 
 

@@ -38,8 +38,10 @@ from _common import (
 )
 
 _MARK = "@@mlxlm "
-ASK = ("Now write a long, detailed story about the people above, with many chapters. Do not stop early; "
-       "describe every place and every object.")
+ASK = (
+    "Now write a long, detailed story about the people above, with many chapters. Do not stop early; "
+    "describe every place and every object."
+)
 
 
 # The mlx-lm side, in its own process ---------------------------------------------------------------------
@@ -58,8 +60,12 @@ def mlx_lm_worker(model_dir: str) -> None:
     config = json.loads((Path(model_dir) / "config.json").read_text())
     q = config.get("quantization")
     weights = f"quantized ({q.get('bits')}-bit, group {q.get('group_size')})" if q else "as stored"
-    ready = {"ready": True, "load_seconds": time.perf_counter() - t0, "weights": weights,
-             "mlx_device": str(mx.default_device())}
+    ready = {
+        "ready": True,
+        "load_seconds": time.perf_counter() - t0,
+        "weights": weights,
+        "mlx_device": str(mx.default_device()),
+    }
     print(_MARK + json.dumps(ready), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -75,10 +81,14 @@ def mlx_lm_worker(model_dir: str) -> None:
         end = time.perf_counter()
         assert last is not None
         out = {
-            "prompt_tokens": last.prompt_tokens, "prompt_tps": last.prompt_tps,
-            "generation_tokens": last.generation_tokens, "generation_tps": last.generation_tps,
-            "finish_reason": last.finish_reason, "ttft_wall": (first_at or end) - start,
-            "total_wall": end - start, "peak_memory_gb": last.peak_memory,
+            "prompt_tokens": last.prompt_tokens,
+            "prompt_tps": last.prompt_tps,
+            "generation_tokens": last.generation_tokens,
+            "generation_tps": last.generation_tps,
+            "finish_reason": last.finish_reason,
+            "ttft_wall": (first_at or end) - start,
+            "total_wall": end - start,
+            "peak_memory_gb": last.peak_memory,
         }
         print(_MARK + json.dumps(out), flush=True)
 
@@ -95,7 +105,7 @@ class WorkerProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if line.startswith(_MARK):
-                return json.loads(line[len(_MARK):])
+                return json.loads(line[len(_MARK) :])
         raise RuntimeError(f"a benchmark worker ended (exit {self.proc.wait()})")
 
     def generate(self, tokens: list[int], max_tokens: int) -> dict[str, Any]:
@@ -129,8 +139,9 @@ def ours_worker(threads: str) -> None:
     with tempfile.TemporaryDirectory(prefix="semantic-bench-") as tmp:
         engine = Engine(Settings(agent_cache_dir=Path(tmp), agent_save_on_finish=False)).start()
         try:
-            print(_MARK + json.dumps({"ready": True, "threads": threads, "model": model_facts(engine.info)}),
-                  flush=True)
+            print(
+                _MARK + json.dumps({"ready": True, "threads": threads, "model": model_facts(engine.info)}), flush=True
+            )
             for n, line in enumerate(sys.stdin):
                 cmd = json.loads(line)
                 if cmd.get("quit"):
@@ -151,22 +162,31 @@ def run_ours(engine: Any, tokens: list[int], max_tokens: int, agent_id: str) -> 
     assert res.usage.cached_tokens == 0, "the prefill run must start from an empty cache"
     ttft = res.time_to_first_token or float("nan")
     return {
-        "prompt_tokens": res.usage.prompt_tokens, "ttft": ttft, "prompt_tps": res.usage.prompt_tokens / ttft,
-        "generation_tokens": res.usage.output_tokens, "decode_seconds": res.decode_seconds,
+        "prompt_tokens": res.usage.prompt_tokens,
+        "ttft": ttft,
+        "prompt_tps": res.usage.prompt_tokens / ttft,
+        "generation_tokens": res.usage.output_tokens,
+        "decode_seconds": res.decode_seconds,
         "generation_tps": res.usage.output_tokens / res.decode_seconds if res.decode_seconds > 0 else float("nan"),
         "stop_reason": res.stop_reason,
     }
 
 
 def main() -> None:
-    parser = make_parser("Prefill and decode tokens/s: the engine's load path vs plain mlx-lm, same model.",
-                         epilog=__doc__)
+    parser = make_parser(
+        "Prefill and decode tokens/s: the engine's load path vs plain mlx-lm, same model.", epilog=__doc__
+    )
     parser.add_argument("--reps", type=int, help="repetitions of our runs (default 2; 1 with --quick)")
     parser.add_argument("--mlx-lm-reps", type=int, help="repetitions of the mlx-lm runs (default 1: they are slow)")
-    parser.add_argument("--max-tokens", type=int,
-                        help="tokens generated after the first prompt, for decode (default 128; 8 with --quick)")
     parser.add_argument(
-        "--openblas-1t", action=argparse.BooleanOptionalAction, default=None,
+        "--max-tokens",
+        type=int,
+        help="tokens generated after the first prompt, for decode (default 128; 8 with --quick)",
+    )
+    parser.add_argument(
+        "--openblas-1t",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="also run our engine with OPENBLAS_NUM_THREADS=1 in a subprocess (default: on, off with --quick)",
     )
     parser.add_argument("--mlx-lm-worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)
@@ -219,8 +239,10 @@ def main() -> None:
             for rep in range(max(reps, mlx_reps)):
                 for t in targets:
                     now = [n for n in names if rep < (mlx_reps if n == "mlx_lm" else reps)]
-                    progress(f"rep {rep + 1}: prompt of {len(prompts[t])} tokens, {gen_tokens[t]} generated: "
-                             f"{', '.join(now)}")
+                    progress(
+                        f"rep {rep + 1}: prompt of {len(prompts[t])} tokens, {gen_tokens[t]} generated: "
+                        f"{', '.join(now)}"
+                    )
                     if "ours" in now:
                         runs[t]["ours"].append(run_ours(engine, prompts[t], gen_tokens[t], f"speed-{rep}-{t}"))
                     for name, side in sides.items():
@@ -235,10 +257,15 @@ def main() -> None:
     ref = LLAMA_CPP_REFERENCE
     rows = []
     summary: dict[str, Any] = {}
-    measured = [(t, kind, key, llama) for t in targets
-                for kind, key, llama in (("prefill", "prompt_tps", ref["prefill_tps"]),
-                                         ("decode", "generation_tps", ref["decode_tps"]))
-                if kind == "prefill" or gen_tokens[t] > 1]
+    measured = [
+        (t, kind, key, llama)
+        for t in targets
+        for kind, key, llama in (
+            ("prefill", "prompt_tps", ref["prefill_tps"]),
+            ("decode", "generation_tps", ref["decode_tps"]),
+        )
+        if kind == "prefill" or gen_tokens[t] > 1
+    ]
     measured.sort(key=lambda m: m[1] == "decode")
     for t, kind, key, llama in measured:
         n = len(prompts[t])
@@ -250,7 +277,10 @@ def main() -> None:
             row += [fmt(tps["ours_1t"]), fmt_x(ratio(tps["ours_1t"], ours))]
         rows.append(row)
         summary[f"{kind}_{t}"] = {
-            "prompt_tokens": n, "ours_tps": ours, "mlx_lm_tps": mlx, "ours_over_mlx_lm": ratio(ours, mlx),
+            "prompt_tokens": n,
+            "ours_tps": ours,
+            "mlx_lm_tps": mlx,
+            "ours_over_mlx_lm": ratio(ours, mlx),
             "ours_over_llama_cpp": ratio(ours, llama),
         }
         if with_1t:
@@ -258,30 +288,54 @@ def main() -> None:
     columns = ["measurement", "ours", "mlx-lm", "ours / mlx-lm", "llama.cpp*", "ours / llama.cpp*"]
     if with_1t:
         columns += ["ours, 1 BLAS thread", "1 thread / ours"]
-    report.table(f"tokens/s, best of {reps} run(s) of ours and {mlx_reps} of mlx-lm; temperature 0; decode: "
-                 f"{max_tokens} tokens generated after the {len(prompts[targets[0]])}-token prompt", columns, rows)
+    report.table(
+        f"tokens/s, best of {reps} run(s) of ours and {mlx_reps} of mlx-lm; temperature 0; decode: "
+        f"{max_tokens} tokens generated after the {len(prompts[targets[0]])}-token prompt",
+        columns,
+        rows,
+    )
     gen_rows = []
     for t in targets:
         for name in names:
             for r in runs[t][name]:
                 stop = r.get("stop_reason") or r.get("finish_reason")
-                gen_rows.append([f"{len(prompts[t])}-token prompt", name.replace("_", "-"), r["generation_tokens"],
-                                 stop, fmt(r["prompt_tps"]),
-                                 fmt(r["generation_tps"]) if r["generation_tokens"] > 1 else "-"])
+                gen_rows.append(
+                    [
+                        f"{len(prompts[t])}-token prompt",
+                        name.replace("_", "-"),
+                        r["generation_tokens"],
+                        stop,
+                        fmt(r["prompt_tps"]),
+                        fmt(r["generation_tps"]) if r["generation_tokens"] > 1 else "-",
+                    ]
+                )
     report.table("Every run", ["prompt", "side", "generated", "stop", "prefill tok/s", "decode tok/s"], gen_rows)
     report.note(f"ours: {info.weights}, BLAS {info.blas}, prefill chunk {settings.mlx_prefill_step_size} tokens.")
-    report.note(f"mlx-lm: {sides['mlx_lm'].ready['weights']}, MLX's default BLAS (the mlx-cpu wheel's reference "
-                "BLAS), prefill_step_size 2048 (its default).")
+    report.note(
+        f"mlx-lm: {sides['mlx_lm'].ready['weights']}, MLX's default BLAS (the mlx-cpu wheel's reference "
+        "BLAS), prefill_step_size 2048 (its default)."
+    )
     if with_1t:
-        report.note("ours, 1 BLAS thread: the same engine in a subprocess with OPENBLAS_NUM_THREADS=1 "
-                    "(OpenBLAS otherwise starts one thread per core).")
-    report.note("* llama.cpp on this machine, same model (Q4_1 GGUF): ~270 tok/s prefill, ~95 tok/s decode, "
-                "measured by hand earlier; not re-measured here.")
-    report.results.update({
-        "reps": reps, "mlx_lm_reps": mlx_reps, "max_tokens": max_tokens, "summary": summary,
-        "runs": {str(t): runs[t] for t in targets},
-        "ours_model": model_facts(info), "mlx_lm_worker": sides["mlx_lm"].ready, "llama_cpp_reference": ref,
-    })
+        report.note(
+            "ours, 1 BLAS thread: the same engine in a subprocess with OPENBLAS_NUM_THREADS=1 "
+            "(OpenBLAS otherwise starts one thread per core)."
+        )
+    report.note(
+        "* llama.cpp on this machine, same model (Q4_1 GGUF): ~270 tok/s prefill, ~95 tok/s decode, "
+        "measured by hand earlier; not re-measured here."
+    )
+    report.results.update(
+        {
+            "reps": reps,
+            "mlx_lm_reps": mlx_reps,
+            "max_tokens": max_tokens,
+            "summary": summary,
+            "runs": {str(t): runs[t] for t in targets},
+            "ours_model": model_facts(info),
+            "mlx_lm_worker": sides["mlx_lm"].ready,
+            "llama_cpp_reference": ref,
+        }
+    )
     report.finish(args.json)
 
 

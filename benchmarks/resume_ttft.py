@@ -76,10 +76,12 @@ def drop_from_page_cache(path: Path) -> None:
 
 
 def main() -> None:
-    parser = make_parser("Time to first token of a new turn: cold recompute vs from disk vs hot, by history size.",
-                         epilog=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", help="history sizes in tokens (default 1024 2048 4096; "
-                        "512 with --quick)")
+    parser = make_parser(
+        "Time to first token of a new turn: cold recompute vs from disk vs hot, by history size.", epilog=__doc__
+    )
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", help="history sizes in tokens (default 1024 2048 4096; 512 with --quick)"
+    )
     parser.add_argument("--reps", type=int, help="repetitions of the hot and disk cases (default 3; 1 with --quick)")
     parser.add_argument("--cold-reps", type=int, help="repetitions of the cold case (default 2; 1 with --quick)")
     args = parser.parse_args()
@@ -107,8 +109,9 @@ def main() -> None:
             info = engine.info
 
             def turn(tokens: list[int], agent_id: str) -> Any:
-                return engine.complete(GenerationRequest(tokens=tokens, max_tokens=1, temperature=0.0,
-                                                         agent_id=agent_id))
+                return engine.complete(
+                    GenerationRequest(tokens=tokens, max_tokens=1, temperature=0.0, agent_id=agent_id)
+                )
 
             warm = turn(list(engine.render([{"role": "user", "content": sentences(1, 4)}]).tokens), "warm-up")
             engine.delete_agent(warm.agent_id)
@@ -116,8 +119,16 @@ def main() -> None:
                 _, full, shared = build_conversation(engine, size, seed=size)
                 agent = f"history-{size}"
                 path = settings.agents_dir / f"{agent}.safetensors"
-                r: dict[str, Any] = {"history_tokens": shared, "prompt_tokens": len(full), "hot": [], "disk_cached": [],
-                                     "disk_dropped": [], "save_s": [], "load_s": [], "file_bytes": []}
+                r: dict[str, Any] = {
+                    "history_tokens": shared,
+                    "prompt_tokens": len(full),
+                    "hot": [],
+                    "disk_cached": [],
+                    "disk_dropped": [],
+                    "save_s": [],
+                    "load_s": [],
+                    "file_bytes": [],
+                }
                 progress(f"{size}: cold recompute of {len(full)} tokens x{cold_reps}")
                 r["parts"] = {"cold": [], "hot": [], "disk_cached": [], "disk_dropped": []}
                 r["cold_all"] = []
@@ -172,39 +183,85 @@ def main() -> None:
     rows, store_rows, summary = [], [], {}
     for size, r in results.items():
         hot, dc, dd = min(r["hot"]), min(r["disk_cached"]), min(r["disk_dropped"])
-        rows.append([f"{r['history_tokens']:,}", f"{r['prompt_tokens']:,}",
-                     f"{r['cold_computed']} / {r['disk_computed']} / {r['hot_computed']}",
-                     fmt(r["cold"]), fmt(dd), fmt(dc), fmt(hot),
-                     fmt_x(ratio(r["cold"], dd)), fmt_x(ratio(r["cold"], dc)), fmt_x(ratio(r["cold"], hot))])
+        rows.append(
+            [
+                f"{r['history_tokens']:,}",
+                f"{r['prompt_tokens']:,}",
+                f"{r['cold_computed']} / {r['disk_computed']} / {r['hot_computed']}",
+                fmt(r["cold"]),
+                fmt(dd),
+                fmt(dc),
+                fmt(hot),
+                fmt_x(ratio(r["cold"], dd)),
+                fmt_x(ratio(r["cold"], dc)),
+                fmt_x(ratio(r["cold"], hot)),
+            ]
+        )
         per_k = r["saved_tokens"] / 1000.0
         save_s, load_s, size_b = min(r["save_s"]), min(r["load_s"]), median(r["file_bytes"])
-        store_rows.append([f"{r['saved_tokens']:,}", fmt(save_s * 1000), fmt(load_s * 1000),
-                           fmt(size_b / 1e6), fmt(save_s * 1000 / per_k), fmt(load_s * 1000 / per_k),
-                           fmt(size_b / 1e6 / per_k)])
+        store_rows.append(
+            [
+                f"{r['saved_tokens']:,}",
+                fmt(save_s * 1000),
+                fmt(load_s * 1000),
+                fmt(size_b / 1e6),
+                fmt(save_s * 1000 / per_k),
+                fmt(load_s * 1000 / per_k),
+                fmt(size_b / 1e6 / per_k),
+            ]
+        )
         summary[str(size)] = {
-            "history_tokens": r["history_tokens"], "prompt_tokens": r["prompt_tokens"],
-            "cold_ttft_s": r["cold"], "disk_ttft_s": dd, "disk_page_cache_ttft_s": dc, "hot_ttft_s": hot,
-            "cold_over_disk": ratio(r["cold"], dd), "cold_over_disk_page_cache": ratio(r["cold"], dc),
+            "history_tokens": r["history_tokens"],
+            "prompt_tokens": r["prompt_tokens"],
+            "cold_ttft_s": r["cold"],
+            "disk_ttft_s": dd,
+            "disk_page_cache_ttft_s": dc,
+            "hot_ttft_s": hot,
+            "cold_over_disk": ratio(r["cold"], dd),
+            "cold_over_disk_page_cache": ratio(r["cold"], dc),
             "cold_over_hot": ratio(r["cold"], hot),
-            "save_ms_per_1k_tokens": save_s * 1000 / per_k, "load_ms_per_1k_tokens": load_s * 1000 / per_k,
+            "save_ms_per_1k_tokens": save_s * 1000 / per_k,
+            "load_ms_per_1k_tokens": load_s * 1000 / per_k,
             "file_mb_per_1k_tokens": size_b / 1e6 / per_k,
         }
     report.table(
         f"Time to first token, seconds, best of {cold_reps} (cold) and {reps} (disk, hot); max_tokens=1",
-        ["history", "prompt", "computed cold/disk/hot", "cold", "disk", "disk (page cache)", "hot",
-         "cold / disk", "cold / disk (page cache)", "cold / hot"], rows,
+        [
+            "history",
+            "prompt",
+            "computed cold/disk/hot",
+            "cold",
+            "disk",
+            "disk (page cache)",
+            "hot",
+            "cold / disk",
+            "cold / disk (page cache)",
+            "cold / hot",
+        ],
+        rows,
     )
     part_rows = []
     for r in results.values():
-        for case, label in (("cold", "cold"), ("disk_dropped", "disk"), ("disk_cached", "disk (page cache)"),
-                            ("hot", "hot")):
+        for case, label in (
+            ("cold", "cold"),
+            ("disk_dropped", "disk"),
+            ("disk_cached", "disk (page cache)"),
+            ("hot", "hot"),
+        ):
             q, p, rest = min(r["parts"][case], key=sum)  # the fastest repetition
             part_rows.append([f"{r['history_tokens']:,}", label, fmt(q + p + rest), fmt(q), fmt(p), fmt(rest)])
     report.table(
         "Where the time to first token goes in the fastest repetition, seconds (GenerationResult: "
         "queued_seconds, prefill_seconds, the rest)",
-        ["history", "case", "TTFT", "waiting (queue, disk read)", "prefill of what is not cached",
-         "first decode step and the rest"], part_rows,
+        [
+            "history",
+            "case",
+            "TTFT",
+            "waiting (queue, disk read)",
+            "prefill of what is not cached",
+            "first decode step and the rest",
+        ],
+        part_rows,
     )
     report.table(
         "Saving and loading, best repetition (engine.save_agent / engine.load_agent, file dropped from the page "
@@ -219,12 +276,23 @@ def main() -> None:
         report.goal("hot vs recompute at 2K", ">= 100x faster", fmt_x(s["cold_over_hot"]), s["cold_over_hot"] >= 100)
     else:
         report.goal("disk / hot vs recompute at 2K", ">= 30x / >= 100x", "not measured (no 2K size)", None)
-    report.note(f"KV cache: {info.kv_dtype}, {info.bytes_per_token:,} bytes per token "
-                f"({info.num_layers} layers x {info.kv_heads} KV heads x {info.head_dim} x keys+values).")
-    report.note("disk = file dropped from the page cache before the turn (posix_fadvise), so it is read from the "
-                "device; disk (page cache) = the file as just written, still in memory.")
-    report.results.update({"reps": reps, "cold_reps": cold_reps, "summary": summary,
-                           "raw": {str(k): v for k, v in results.items()}, "model": model_facts(info)})
+    report.note(
+        f"KV cache: {info.kv_dtype}, {info.bytes_per_token:,} bytes per token "
+        f"({info.num_layers} layers x {info.kv_heads} KV heads x {info.head_dim} x keys+values)."
+    )
+    report.note(
+        "disk = file dropped from the page cache before the turn (posix_fadvise), so it is read from the "
+        "device; disk (page cache) = the file as just written, still in memory."
+    )
+    report.results.update(
+        {
+            "reps": reps,
+            "cold_reps": cold_reps,
+            "summary": summary,
+            "raw": {str(k): v for k, v in results.items()},
+            "model": model_facts(info),
+        }
+    )
     report.finish(args.json)
 
 

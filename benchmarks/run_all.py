@@ -110,16 +110,23 @@ def render_markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     model = report.get("model") or {}
     out = ["# Benchmark results", ""]
-    out.append(f"- Date: {report['date']}" + (" (quick smoke run: small sizes, not for comparison)"
-                                                if report["quick"] else ""))
-    out.append(f"- Machine: {m['cpu']}, {m['cores']} cores, {m['system']}; Python {m['python']}, "
-               f"MLX {m['mlx']}, mlx-lm {m['mlx_lm']}")
-    out.append(f"- Load average when the run started: {m['load_average_at_start']} (the machine may be shared; "
-               "every ratio below is measured side by side in one run)")
+    out.append(
+        f"- Date: {report['date']}" + (" (quick smoke run: small sizes, not for comparison)" if report["quick"] else "")
+    )
+    out.append(
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['system']}; Python {m['python']}, "
+        f"MLX {m['mlx']}, mlx-lm {m['mlx_lm']}"
+    )
+    out.append(
+        f"- Load average when the run started: {m['load_average_at_start']} (the machine may be shared; "
+        "every ratio below is measured side by side in one run)"
+    )
     if model:
-        out.append(f"- Model: {model.get('model_id')} ({model.get('model_type')}, {model.get('parameters', 0):,} "
-                   f"parameters), served as {model.get('weights')} on {model.get('device')}; KV cache "
-                   f"{model.get('kv_dtype')}, {model.get('kv_bytes_per_token', 0):,} bytes per token")
+        out.append(
+            f"- Model: {model.get('model_id')} ({model.get('model_type')}, {model.get('parameters', 0):,} "
+            f"parameters), served as {model.get('weights')} on {model.get('device')}; KV cache "
+            f"{model.get('kv_dtype')}, {model.get('kv_bytes_per_token', 0):,} bytes per token"
+        )
     out.append(f"- BLAS: {report['blas']}")
     out.append(f"- Total time: {report['seconds']:.0f} s")
     out.append("")
@@ -143,8 +150,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             for t in tables:
                 out += [f"**{t['title']}**", "", *md_table(t["columns"], t["rows"]), ""]
         else:  # a script with another JSON layout: show its top level as it is
-            out += ["```json", json.dumps({k: v for k, v in data.items() if k != "machine"}, indent=2)[:6000],
-                    "```", ""]
+            out += [
+                "```json",
+                json.dumps({k: v for k, v in data.items() if k != "machine"}, indent=2)[:6000],
+                "```",
+                "",
+            ]
         for note in data.get("notes", []):
             out.append(f"- {note}")
         out.append("")
@@ -153,19 +164,39 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = make_parser("Run every benchmark and write results/latest.json and results/latest.md.", epilog=__doc__)
-    parser.add_argument("--only", nargs="+", choices=[*SCRIPTS, SERVERS_SCRIPT], metavar="NAME",
-                        help=f"run only these ({', '.join(SCRIPTS)})")
-    parser.add_argument("--with-servers", action="store_true",
-                        help=f"also run {SERVERS_SCRIPT}.py (when it exists): a comparison with other servers")
-    parser.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results",
-                        help="where latest.json and latest.md go (default: benchmarks/results)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=[*SCRIPTS, SERVERS_SCRIPT],
+        metavar="NAME",
+        help=f"run only these ({', '.join(SCRIPTS)})",
+    )
+    parser.add_argument(
+        "--with-servers",
+        action="store_true",
+        help=f"also run {SERVERS_SCRIPT}.py (when it exists): a comparison with other servers",
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=BENCH_DIR / "results",
+        help="where latest.json and latest.md go (default: benchmarks/results)",
+    )
     parser.add_argument("--timeout", type=float, help="seconds allowed per script (default 900; 300 with --quick)")
-    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
-                        help="before each script, wait up to SECONDS for the 1-minute load average to fall below "
-                        "--quiet-load (a shared machine); default 0: do not wait")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each script, wait up to SECONDS for the 1-minute load average to fall below "
+        "--quiet-load (a shared machine); default 0: do not wait",
+    )
     parser.add_argument("--quiet-load", type=float, default=0.5, help="load average counted as quiet (default 0.5)")
-    parser.add_argument("--merge", action="store_true",
-                        help="keep the other scripts' results of the existing report and replace only those run now")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other scripts' results of the existing report and replace only those run now",
+    )
     args = parser.parse_args()
     # --json is accepted for symmetry with the scripts: the combined report is also written there.
 
@@ -197,8 +228,14 @@ def main() -> None:
         order = [*SCRIPTS, SERVERS_SCRIPT]
         entries = dict(sorted(merged.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
         started, seconds = old.get("date", started), round(old.get("seconds", 0) + seconds, 1)
-    report = {"date": started, "quick": args.quick, "machine": facts, **environment_facts(entries),
-              "seconds": seconds, "benchmarks": entries}
+    report = {
+        "date": started,
+        "quick": args.quick,
+        "machine": facts,
+        **environment_facts(entries),
+        "seconds": seconds,
+        "benchmarks": entries,
+    }
     args.results_dir.mkdir(parents=True, exist_ok=True)
     json_text = json.dumps(report, indent=2) + "\n"
     (args.results_dir / f"{stem}.json").write_text(json_text)
@@ -207,8 +244,11 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json_text)
     failed = [n for n, e in entries.items() if "error" in e]
-    print(f"\nwrote {args.results_dir / (stem + '.json')} and {stem}.md"
-          + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
+    print(
+        f"\nwrote {args.results_dir / (stem + '.json')} and {stem}.md"
+        + (f"; FAILED: {', '.join(failed)}" if failed else ""),
+        flush=True,
+    )
     sys.exit(1 if failed else 0)
 
 

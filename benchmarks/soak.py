@@ -24,8 +24,30 @@ from typing import Any
 
 from _common import Report, fmt, make_parser, median, percentile, progress, running_server
 
-WORDS = ["agent", "cache", "memory", "block", "disk", "token", "prompt", "answer", "batch", "stream", "model",
-         "server", "client", "pool", "evict", "resume", "context", "history", "turn", "quick", "brown", "fox"]
+WORDS = [
+    "agent",
+    "cache",
+    "memory",
+    "block",
+    "disk",
+    "token",
+    "prompt",
+    "answer",
+    "batch",
+    "stream",
+    "model",
+    "server",
+    "client",
+    "pool",
+    "evict",
+    "resume",
+    "context",
+    "history",
+    "turn",
+    "quick",
+    "brown",
+    "fox",
+]
 
 
 def rss_mb(pid: int) -> float:
@@ -49,10 +71,12 @@ def check_stream(lines: list[str]) -> tuple[str, bool]:
         datas = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
     except json.JSONDecodeError:
         return "", False
-    ok = (events[:2] == ["message_start", "content_block_start"]
-          and events[-3:] == ["content_block_stop", "message_delta", "message_stop"]
-          and set(events[2:-3]) <= {"content_block_delta", "ping"}
-          and [d.get("type") for d in datas] == events)
+    ok = (
+        events[:2] == ["message_start", "content_block_start"]
+        and events[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+        and set(events[2:-3]) <= {"content_block_delta", "ping"}
+        and [d.get("type") for d in datas] == events
+    )
     text = "".join(d["delta"]["text"] for d in datas if d.get("type") == "content_block_delta")
     return text, ok
 
@@ -86,14 +110,20 @@ async def soak(url: str, pid: int, clients: int, seconds: float) -> dict[str, An
                 window = history[-5:]
                 while window[0]["role"] != "user":
                     window = window[1:]
-                body = {"model": "default", "max_tokens": rng.randint(4, 24), "stream": True, "temperature": 0.7,
-                        "messages": window}
+                body = {
+                    "model": "default",
+                    "max_tokens": rng.randint(4, 24),
+                    "stream": True,
+                    "temperature": 0.7,
+                    "messages": window,
+                }
                 sent = time.monotonic()
                 first: float | None = None
                 lines: list[str] = []
                 try:
-                    async with http.stream("POST", "/v1/messages", json=body,
-                                           headers={"x-agent-id": f"soak-{i:02d}"}) as r:
+                    async with http.stream(
+                        "POST", "/v1/messages", json=body, headers={"x-agent-id": f"soak-{i:02d}"}
+                    ) as r:
                         if r.status_code != 200:
                             stats["failed"].append(f"{r.status_code}: {(await r.aread())[:200]!r}")
                             return
@@ -129,8 +159,9 @@ async def soak(url: str, pid: int, clients: int, seconds: float) -> dict[str, An
 
 
 def main() -> None:
-    parser = make_parser("Soak: concurrent streaming clients against a real server on a pool too small for them.",
-                         epilog=__doc__)
+    parser = make_parser(
+        "Soak: concurrent streaming clients against a real server on a pool too small for them.", epilog=__doc__
+    )
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, help="default 60; 15 with --quick")
     parser.add_argument("--budget-mb", type=float, default=64.0, help="SEMANTIC_MLX_CACHE_BUDGET_MB (default 64)")
@@ -139,8 +170,11 @@ def main() -> None:
     report = Report("soak", f"Soak: {args.clients} streaming clients for {seconds:.0f} s on a tight pool", args.quick)
     with tempfile.TemporaryDirectory(prefix="semantic-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        env = {"SEMANTIC_MLX_CACHE_BUDGET_MB": str(args.budget_mb), "SEMANTIC_SERVER_RATE_LIMIT_PER_CLIENT": "0",
-               "SEMANTIC_SERVER_RATE_LIMIT_GLOBAL": "0"}
+        env = {
+            "SEMANTIC_MLX_CACHE_BUDGET_MB": str(args.budget_mb),
+            "SEMANTIC_SERVER_RATE_LIMIT_PER_CLIENT": "0",
+            "SEMANTIC_SERVER_RATE_LIMIT_GLOBAL": "0",
+        }
         progress("starting `semantic serve` and waiting for the model to load")
         with running_server(tmp / "server.log", tmp / "cache", env=env) as (url, proc):
             progress(f"{args.clients} clients for {seconds:.0f} s")
@@ -151,26 +185,53 @@ def main() -> None:
     growth = (median(end) / median(warm) - 1) if warm and end else float("nan")
     ttft = stats["ttft"]
     report.table(
-        "Requests", ["completed", "failed", "malformed streams", "requests/s", "TTFT p50 s", "TTFT p95 s",
-                     "highest pool utilization", "agents intact"],
-        [[str(stats["ok"]), str(len(stats["failed"])), str(stats["malformed"]), fmt(stats["ok"] / stats["elapsed"]),
-          fmt(median(ttft)), fmt(percentile(ttft, 95)), fmt(max(stats["pool"], default=float("nan"))),
-          f"{stats['intact']}/{stats['agents']}"]],
+        "Requests",
+        [
+            "completed",
+            "failed",
+            "malformed streams",
+            "requests/s",
+            "TTFT p50 s",
+            "TTFT p95 s",
+            "highest pool utilization",
+            "agents intact",
+        ],
+        [
+            [
+                str(stats["ok"]),
+                str(len(stats["failed"])),
+                str(stats["malformed"]),
+                fmt(stats["ok"] / stats["elapsed"]),
+                fmt(median(ttft)),
+                fmt(percentile(ttft, 95)),
+                fmt(max(stats["pool"], default=float("nan"))),
+                f"{stats['intact']}/{stats['agents']}",
+            ]
+        ],
     )
-    report.table("Server resident memory, MB", ["at start", "after warm-up (median, 25-50% of the run)",
-                                                "end (median, last 25%)", "growth after warm-up"],
-                 [[fmt(rss[0][1]) if rss else "-", fmt(median(warm)), fmt(median(end)), f"{growth:+.1%}"]])
+    report.table(
+        "Server resident memory, MB",
+        ["at start", "after warm-up (median, 25-50% of the run)", "end (median, last 25%)", "growth after warm-up"],
+        [[fmt(rss[0][1]) if rss else "-", fmt(median(warm)), fmt(median(end)), f"{growth:+.1%}"]],
+    )
     for failure in stats["failed"][:5]:
         report.note(f"failure: {failure}")
     if stats["reloaded"] is not None:
         report.note(f"an agent evicted to disk loaded back hot afterwards: {stats['reloaded']}")
-    report.goal("failed requests and malformed streams", "0", str(len(stats["failed"]) + stats["malformed"]),
-                not stats["failed"] and stats["malformed"] == 0)
-    report.goal("pool budget respected", "utilization <= 1", fmt(max(stats["pool"], default=float("nan"))),
-                bool(stats["pool"]) and max(stats["pool"]) <= 1.0)
+    report.goal(
+        "failed requests and malformed streams",
+        "0",
+        str(len(stats["failed"]) + stats["malformed"]),
+        not stats["failed"] and stats["malformed"] == 0,
+    )
+    report.goal(
+        "pool budget respected",
+        "utilization <= 1",
+        fmt(max(stats["pool"], default=float("nan"))),
+        bool(stats["pool"]) and max(stats["pool"]) <= 1.0,
+    )
     report.goal("memory flat after warm-up", "growth < 10%", f"{growth:+.1%}", growth < 0.10)
-    report.goal("every agent intact", "all", f"{stats['intact']}/{stats['agents']}",
-                stats["intact"] == stats["agents"])
+    report.goal("every agent intact", "all", f"{stats['intact']}/{stats['agents']}", stats["intact"] == stats["agents"])
     report.results.update({k: v for k, v in stats.items() if k not in ("rss", "ttft", "pool")})
     report.results.update({"rss_mb": rss, "ttft_s": ttft, "pool_utilization": stats["pool"], "growth": growth})
     report.finish(args.json)

@@ -47,15 +47,22 @@ def main() -> None:
                 history: list[dict[str, str]] = []
                 i = 0
                 while len(engine.render(history).tokens if history else []) < size:
-                    history += [{"role": "user", "content": f"Question {i}: " + sentences(size + i, 3)},
-                                {"role": "assistant", "content": sentences(size + 500 + i, 6)}]
+                    history += [
+                        {"role": "user", "content": f"Question {i}: " + sentences(size + i, 3)},
+                        {"role": "assistant", "content": sentences(size + 500 + i, 6)},
+                    ]
                     i += 1
                 waits, totals = [], []
                 progress(f"{size} tokens of history: {turns} turns")
                 for t in range(turns):
                     messages = [*history, {"role": "user", "content": f"Turn {t}: " + sentences(t, 1)}]
-                    request = GenerationRequest(tokens=engine.render(messages).tokens, max_tokens=16,
-                                                temperature=0.0, agent_id=agent, messages=messages)
+                    request = GenerationRequest(
+                        tokens=engine.render(messages).tokens,
+                        max_tokens=16,
+                        temperature=0.0,
+                        agent_id=agent,
+                        messages=messages,
+                    )
                     start = time.perf_counter()
                     result = engine.complete(request)
                     totals.append(time.perf_counter() - start)
@@ -70,22 +77,48 @@ def main() -> None:
                 journal = Path(tmp) / "agents" / f"{agent}.turn.json"
                 record_bytes = len(engine.store.get(agent).record.to_json().__repr__())
                 wait, total, save = median(waits), median(totals), min(saves)
-                rows.append([f"{info.tokens:,}", fmt(wait * 1000), fmt(100 * wait / total, 2), fmt(total * 1000),
-                             fmt(save * 1000), fmt_x(ratio(save, wait)), fmt(info.disk_bytes / 1e6),
-                             fmt(record_bytes / 1e3)])
-                summary[str(size)] = {"tokens": info.tokens, "journal_wait_ms": wait * 1000,
-                                      "turn_ms": total * 1000, "share_of_turn": wait / total,
-                                      "tensor_save_ms": save * 1000, "file_mb": info.disk_bytes / 1e6,
-                                      "record_kb": record_bytes / 1e3, "journal_left": journal.exists()}
+                rows.append(
+                    [
+                        f"{info.tokens:,}",
+                        fmt(wait * 1000),
+                        fmt(100 * wait / total, 2),
+                        fmt(total * 1000),
+                        fmt(save * 1000),
+                        fmt_x(ratio(save, wait)),
+                        fmt(info.disk_bytes / 1e6),
+                        fmt(record_bytes / 1e3),
+                    ]
+                )
+                summary[str(size)] = {
+                    "tokens": info.tokens,
+                    "journal_wait_ms": wait * 1000,
+                    "turn_ms": total * 1000,
+                    "share_of_turn": wait / total,
+                    "tensor_save_ms": save * 1000,
+                    "file_mb": info.disk_bytes / 1e6,
+                    "record_kb": record_bytes / 1e3,
+                    "journal_left": journal.exists(),
+                }
         finally:
             engine.stop(save=False)
     report.table(
         f"Per turn, median of {turns} turns (16 tokens each); tensor save: best of 3",
-        ["cached tokens", "journal wait ms", "% of the turn", "turn ms", "full tensor save ms",
-         "tensor save / journal", "tensor file MB", "record KB"], rows,
+        [
+            "cached tokens",
+            "journal wait ms",
+            "% of the turn",
+            "turn ms",
+            "full tensor save ms",
+            "tensor save / journal",
+            "tensor file MB",
+            "record KB",
+        ],
+        rows,
     )
-    report.note("The journal wait is what every answer pays for durability; holding it for the tensor save instead "
-                "would cost the 'full tensor save' column, and grow with the history.")
+    report.note(
+        "The journal wait is what every answer pays for durability; holding it for the tensor save instead "
+        "would cost the 'full tensor save' column, and grow with the history."
+    )
     report.results.update({"summary": summary, "turns": turns})
     report.finish(args.json)
 

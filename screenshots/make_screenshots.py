@@ -24,11 +24,14 @@ from semantic_tui.widgets.chat import ChatMessage  # noqa: E402
 from semantic_tui.widgets.prompt import PromptInput  # noqa: E402
 
 CONVERSATIONS = [
-    ("geographer", "Geographer", "You are a concise geography tutor.",
-     ["What is the capital of France?", "And what river flows through it?"]),
+    (
+        "geographer",
+        "Geographer",
+        "You are a concise geography tutor.",
+        ["What is the capital of France?", "And what river flows through it?"],
+    ),
     ("poet", "Poet", "You write short poems.", ["Write a four-line poem about the sea."]),
-    ("coder", "Coder", "You are a helpful Python programmer.",
-     ["Write a Python function that reverses a string."]),
+    ("coder", "Coder", "You are a helpful Python programmer.", ["Write a Python function that reverses a string."]),
 ]
 
 
@@ -47,8 +50,11 @@ async def chat(app: SemanticApp, pilot, text: str) -> None:
 
     def done() -> bool:
         messages = list(app.query(ChatMessage))
-        return (len(messages) >= before + 2 and app.current not in app.handles
-                and "tokens" in str(messages[-1].query_one(".stats").render()))
+        return (
+            len(messages) >= before + 2
+            and app.current not in app.handles
+            and "tokens" in str(messages[-1].query_one(".stats").render())
+        )
 
     await wait(pilot, done)
 
@@ -59,13 +65,22 @@ async def render(out: Path) -> list[Path]:
     app = SemanticApp(Runtime(settings, serve_api=False), clock=False, export_dir=workdir)
     written: list[Path] = []
     async with app.run_test(size=(150, 42)) as pilot:
-        await wait(pilot, lambda: app.engine.ready and app.engine.info is not None
-                   and app.sub_title.startswith(app.engine.info.model_id))
+        await wait(
+            pilot,
+            lambda: (
+                app.engine.ready and app.engine.info is not None and app.sub_title.startswith(app.engine.info.model_id)
+            ),
+        )
         from semantic_core.agents.record import Sampling
 
         for agent_id, name, system, turns in CONVERSATIONS:
-            await asyncio.to_thread(app.engine.create_agent, agent_id, display_name=name, system_prompt=system,
-                                    sampling=Sampling(temperature=0.0, max_tokens=120))
+            await asyncio.to_thread(
+                app.engine.create_agent,
+                agent_id,
+                display_name=name,
+                system_prompt=system,
+                sampling=Sampling(temperature=0.0, max_tokens=120),
+            )
             await app.open_agent(agent_id)
             for turn in turns:
                 await chat(app, pilot, turn)

@@ -62,7 +62,8 @@ class Settings(BaseSettings):
         default_factory=list, description="Comma-separated origins allowed by CORS."
     )
     server_rate_limit_per_client: int = Field(
-        120, ge=0,
+        120,
+        ge=0,
         validation_alias=AliasChoices(
             "SEMANTIC_SERVER_RATE_LIMIT_PER_CLIENT",
             "SEMANTIC_SERVER_RATE_LIMIT_PER_AGENT",  # the name before limits were per client
@@ -133,7 +134,8 @@ class Settings(BaseSettings):
     )
     agent_max_agents_in_memory: int = Field(100, ge=1, description="Hot agents at most.")
     agent_max_agents: int = Field(
-        10_000, ge=1,
+        10_000,
+        ge=1,
         description="Agents at most (hot and on disk). When full, the least recently used agent created "
         "without a name is recycled for a new one; named agents are never recycled (a clear 400 instead).",
     )

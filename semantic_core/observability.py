@@ -36,12 +36,17 @@ class Metrics:
         r = self.registry = CollectorRegistry(auto_describe=True)
         # HTTP
         self.requests = Counter(
-            "semantic_request_total", "HTTP requests by route template and status.", ["method", "path", "status"],
+            "semantic_request_total",
+            "HTTP requests by route template and status.",
+            ["method", "path", "status"],
             registry=r,
         )
         self.request_duration = Histogram(
-            "semantic_request_duration_seconds", "HTTP request duration by route template.", ["method", "path"],
-            buckets=_HTTP_BUCKETS, registry=r,
+            "semantic_request_duration_seconds",
+            "HTTP request duration by route template.",
+            ["method", "path"],
+            buckets=_HTTP_BUCKETS,
+            registry=r,
         )
         self.requests_in_flight = Gauge("semantic_requests_in_flight", "HTTP requests being served.", registry=r)
         self.rate_limited = Counter(
@@ -49,8 +54,10 @@ class Metrics:
         )
         # Engine
         self.time_to_first_token = Histogram(
-            "semantic_time_to_first_token_seconds", "From submission to the first generated token.",
-            buckets=_TTFT_BUCKETS, registry=r,
+            "semantic_time_to_first_token_seconds",
+            "From submission to the first generated token.",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
         )
         self.tokens = Counter(
             "semantic_tokens_total", "Tokens processed, by phase (prefill, decode, reused).", ["phase"], registry=r
@@ -66,7 +73,8 @@ class Metrics:
         self.engine_failures = Counter(
             "semantic_engine_failures_total",
             "Requests or agents failed by an unexpected error while the engine kept running, by stage.",
-            ["stage"], registry=r,
+            ["stage"],
+            registry=r,
         )
         # Agents and the block pool
         self.pool_utilization = Gauge(
@@ -76,27 +84,36 @@ class Metrics:
         self.agents = Gauge("semantic_agents", "Agents by tier.", ["tier"], registry=r)
         self.agents_active = Gauge("semantic_agents_active", "Agents generating now.", registry=r)
         self.cache_hits = Counter(
-            "semantic_cache_hit_total", "Requests by cache outcome (hit: some prompt reused; miss: none).",
-            ["result"], registry=r,
+            "semantic_cache_hit_total",
+            "Requests by cache outcome (hit: some prompt reused; miss: none).",
+            ["result"],
+            registry=r,
         )
         self.evictions = Counter("semantic_evictions_total", "Agents evicted from memory.", ["reason"], registry=r)
         self.saves = Counter("semantic_agent_saves_total", "Agent saves by outcome.", ["result"], registry=r)
         self.loads = Counter("semantic_agent_loads_total", "Agent loads from disk by outcome.", ["result"], registry=r)
         self.quarantined = Counter(
-            "semantic_quarantined_files_total", "Cache files that failed verification and were moved aside.",
+            "semantic_quarantined_files_total",
+            "Cache files that failed verification and were moved aside.",
             registry=r,
         )
         self.disk_bytes = Gauge("semantic_cache_disk_bytes", "Bytes of saved agents on disk.", registry=r)
         self.save_seconds = Histogram(
-            "semantic_agent_save_seconds", "Time to write one agent to disk.", buckets=_IO_BUCKETS, registry=r,
+            "semantic_agent_save_seconds",
+            "Time to write one agent to disk.",
+            buckets=_IO_BUCKETS,
+            registry=r,
         )
         self.turn_durable_seconds = Histogram(
             "semantic_turn_durable_seconds",
             "From the end of an answer to its turn being on disk (fsync'd), before the response completes.",
-            buckets=_IO_BUCKETS, registry=r,
+            buckets=_IO_BUCKETS,
+            registry=r,
         )
         self.load_seconds = Histogram(
-            "semantic_agent_load_seconds", "Time to read and verify one agent from disk.", buckets=_IO_BUCKETS,
+            "semantic_agent_load_seconds",
+            "Time to read and verify one agent from disk.",
+            buckets=_IO_BUCKETS,
             registry=r,
         )
         self.ready = Gauge(
@@ -127,9 +144,7 @@ class Metrics:
 
     def requests_served(self) -> float:
         """Every HTTP request counted so far (all routes and statuses)."""
-        return sum(
-            s.value for family in self.requests.collect() for s in family.samples if s.name.endswith("_total")
-        )
+        return sum(s.value for family in self.requests.collect() for s in family.samples if s.name.endswith("_total"))
 
 
 # Logging -------------------------------------------------------------------------------------------
@@ -158,7 +173,10 @@ atexit.register(_stop_listener)
 
 
 def configure_logging(
-    level: str = "INFO", stream: TextIO | None = None, *, json: bool | None = None,
+    level: str = "INFO",
+    stream: TextIO | None = None,
+    *,
+    json: bool | None = None,
     handler: logging.Handler | None = None,
 ) -> None:
     """Route stdlib logging (uvicorn included) and structlog through one renderer.
@@ -180,7 +198,8 @@ def configure_logging(
         structlog.processors.format_exc_info,
     ]
     renderer: Any = (
-        structlog.processors.JSONRenderer() if json
+        structlog.processors.JSONRenderer()
+        if json
         else structlog.dev.ConsoleRenderer(colors=False, exception_formatter=_plain_traceback)
     )
     structlog.configure(

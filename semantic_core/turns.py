@@ -92,9 +92,14 @@ class TurnService:
 
     def settings_defaults(self) -> dict[str, Any]:
         s = self.settings
-        return {"temperature": s.mlx_default_temperature, "top_p": s.mlx_default_top_p, "top_k": s.mlx_default_top_k,
-                "min_p": s.mlx_default_min_p, "repetition_penalty": s.mlx_default_repetition_penalty,
-                "max_tokens": s.mlx_default_max_tokens}
+        return {
+            "temperature": s.mlx_default_temperature,
+            "top_p": s.mlx_default_top_p,
+            "top_k": s.mlx_default_top_k,
+            "min_p": s.mlx_default_min_p,
+            "repetition_penalty": s.mlx_default_repetition_penalty,
+            "max_tokens": s.mlx_default_max_tokens,
+        }
 
     def model_defaults(self) -> dict[str, Any]:
         info = self.engine.info
@@ -103,10 +108,22 @@ class TurnService:
         return dict(info.generation_defaults)
 
     def sampling(self, turn: Turn, agent: AgentInfo | None) -> Sampling:
-        stored = {} if agent is None else {"temperature": agent.temperature, "top_p": agent.top_p,
-                                           "top_k": agent.top_k, "max_tokens": agent.max_tokens}
-        layers = (("request", {f: getattr(turn, f) for f in (*SAMPLING_FIELDS, "max_tokens")}), ("agent", stored),
-                  ("model", self.model_defaults()), ("settings", self.settings_defaults()))
+        stored = (
+            {}
+            if agent is None
+            else {
+                "temperature": agent.temperature,
+                "top_p": agent.top_p,
+                "top_k": agent.top_k,
+                "max_tokens": agent.max_tokens,
+            }
+        )
+        layers = (
+            ("request", {f: getattr(turn, f) for f in (*SAMPLING_FIELDS, "max_tokens")}),
+            ("agent", stored),
+            ("model", self.model_defaults()),
+            ("settings", self.settings_defaults()),
+        )
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
         for name in (*SAMPLING_FIELDS, "max_tokens"):
@@ -116,9 +133,13 @@ class TurnService:
                     break
         penalty = values.get("repetition_penalty")
         return Sampling(
-            temperature=float(values["temperature"]), top_p=float(values["top_p"]), top_k=int(values["top_k"]),
-            min_p=float(values["min_p"]), repetition_penalty=float(penalty) if penalty not in (None, 1.0) else None,
-            max_tokens=int(values["max_tokens"]), sources=sources,
+            temperature=float(values["temperature"]),
+            top_p=float(values["top_p"]),
+            top_k=int(values["top_k"]),
+            min_p=float(values["min_p"]),
+            repetition_penalty=float(penalty) if penalty not in (None, 1.0) else None,
+            max_tokens=int(values["max_tokens"]),
+            sources=sources,
         )
 
     # Rendering ---------------------------------------------------------------------------------------
@@ -187,11 +208,20 @@ class TurnService:
 
     def _request(self, turn: Turn, prompt: RenderedPrompt, system: str | None, sampling: Sampling) -> GenerationRequest:
         return GenerationRequest(
-            tokens=prompt.tokens, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-            top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p,
-            repetition_penalty=sampling.repetition_penalty, stop_sequences=list(turn.stop_sequences),
-            agent_id=turn.agent_id, create_agent=turn.create_agent, messages=turn.messages, system_prompt=system,
-            continues_text=prompt.continues_text, request_id=turn.request_id,
+            tokens=prompt.tokens,
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            min_p=sampling.min_p,
+            repetition_penalty=sampling.repetition_penalty,
+            stop_sequences=list(turn.stop_sequences),
+            agent_id=turn.agent_id,
+            create_agent=turn.create_agent,
+            messages=turn.messages,
+            system_prompt=system,
+            continues_text=prompt.continues_text,
+            request_id=turn.request_id,
         )
 
     def _info(self) -> Any:

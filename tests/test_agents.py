@@ -14,8 +14,11 @@ from semantic_core.errors import AgentBusy, AgentDamaged, AgentNotFound, ModelMi
 def turn(engine, agent_id, history, text, max_tokens=12):
     messages = [*history, {"role": "user", "content": text}]
     rendered = engine.render(messages)
-    result = engine.complete(GenerationRequest(
-        tokens=rendered.tokens, max_tokens=max_tokens, temperature=0.0, agent_id=agent_id, messages=messages))
+    result = engine.complete(
+        GenerationRequest(
+            tokens=rendered.tokens, max_tokens=max_tokens, temperature=0.0, agent_id=agent_id, messages=messages
+        )
+    )
     return result, [*messages, {"role": "assistant", "content": result.text}]
 
 
@@ -23,6 +26,7 @@ def memory_layers(engine, agent_id):
     def op():
         cache = engine.residency.cache(agent_id)
         return [(np.array(c.keys[..., : c.offset, :]), np.array(c.values[..., : c.offset, :])) for c in cache]
+
     return engine.call(op)
 
 
@@ -30,8 +34,9 @@ def test_saved_cache_round_trips_bit_exact(tiny_engine):
     turn(tiny_engine, "rt", [], "Hello, world!")
     tiny_engine.save_agent("rt")
     in_memory = memory_layers(tiny_engine, "rt")
-    header, on_disk = disk.read_agent_file(disk.agent_path(tiny_engine.settings.agents_dir, "rt"),
-                                           tiny_engine.info.fingerprint)
+    header, on_disk = disk.read_agent_file(
+        disk.agent_path(tiny_engine.settings.agents_dir, "rt"), tiny_engine.info.fingerprint
+    )
     assert len(on_disk) == len(in_memory) == tiny_engine.info.num_layers
     for (k1, v1), state in zip(in_memory, on_disk, strict=True):
         k2, v2 = state.arrays["keys"], state.arrays["values"]
@@ -141,8 +146,9 @@ def test_agent_from_another_model_is_refused_not_used(engine_factory, tmp_path, 
     with pytest.raises(ModelMismatch):
         second.load_agent("mine")
     # Nothing was overwritten: the first model still loads it.
-    assert disk.read_header(disk.agent_path(tmp_path / "shared" / "agents", "mine")).fingerprint == \
-        first.info.fingerprint
+    assert (
+        disk.read_header(disk.agent_path(tmp_path / "shared" / "agents", "mine")).fingerprint == first.info.fingerprint
+    )
 
 
 def test_corrupted_file_is_quarantined_and_reported(engine_factory, tmp_path):

@@ -17,8 +17,9 @@ def user(text: str) -> list[dict[str, str]]:
 
 
 def test_create_returns_an_anthropic_message(client, api):
-    raw = client.messages.with_raw_response.create(model=MODEL, max_tokens=10, messages=user("Hello, world!"),
-                                                   extra_body=T0)
+    raw = client.messages.with_raw_response.create(
+        model=MODEL, max_tokens=10, messages=user("Hello, world!"), extra_body=T0
+    )
     msg = raw.parse()
     assert msg.id.startswith("msg_") and msg.type == "message" and msg.role == "assistant"
     assert msg.model == MODEL
@@ -31,8 +32,9 @@ def test_create_returns_an_anthropic_message(client, api):
 
 
 def test_stream_text_equals_the_final_message(client):
-    with client.messages.stream(model=MODEL, max_tokens=30, messages=user("The quick brown fox"),
-                                extra_body=T0) as stream:
+    with client.messages.stream(
+        model=MODEL, max_tokens=30, messages=user("The quick brown fox"), extra_body=T0
+    ) as stream:
         pieces = list(stream.text_stream)
         final = stream.get_final_message()
     assert "".join(pieces) == final.content[0].text
@@ -55,22 +57,31 @@ def test_stream_event_order_on_the_wire(api):
 
 def test_multi_turn_reuse_shows_in_cache_read_tokens(client):
     headers = {"x-agent-id": "conversation-1"}
-    first = client.messages.create(model=MODEL, max_tokens=8, messages=user("What is the capital of France?"),
-                                   extra_headers=headers, extra_body=T0)
+    first = client.messages.create(
+        model=MODEL, max_tokens=8, messages=user("What is the capital of France?"), extra_headers=headers, extra_body=T0
+    )
     assert first.usage.cache_read_input_tokens == 0
     prompt_one = first.usage.input_tokens
     second = client.messages.create(
-        model=MODEL, max_tokens=8, extra_headers=headers, extra_body=T0,
-        messages=[*user("What is the capital of France?"), {"role": "assistant", "content": first.content[0].text},
-                  *user("And Germany?")])
+        model=MODEL,
+        max_tokens=8,
+        extra_headers=headers,
+        extra_body=T0,
+        messages=[
+            *user("What is the capital of France?"),
+            {"role": "assistant", "content": first.content[0].text},
+            *user("And Germany?"),
+        ],
+    )
     assert second.usage.cache_read_input_tokens >= prompt_one
     total = second.usage.input_tokens + second.usage.cache_read_input_tokens
     assert second.usage.input_tokens < total / 2
 
 
 def test_agent_header_names_the_agent_and_creates_it(client, api):
-    raw = client.messages.with_raw_response.create(model=MODEL, max_tokens=3, messages=user("hi"),
-                                                   extra_headers={"x-agent-id": "named-agent"}, extra_body=T0)
+    raw = client.messages.with_raw_response.create(
+        model=MODEL, max_tokens=3, messages=user("hi"), extra_headers={"x-agent-id": "named-agent"}, extra_body=T0
+    )
     assert raw.headers["x-agent-id"] == "named-agent"
     agents = httpx.get(f"{api.url}/v1/agents").json()["data"]
     assert "named-agent" in [a["id"] for a in agents]
@@ -79,34 +90,54 @@ def test_agent_header_names_the_agent_and_creates_it(client, api):
 def test_stop_sequences_end_the_answer(client):
     free = client.messages.create(model=MODEL, max_tokens=40, messages=user("Hello, world!"), extra_body=T0)
     text = free.content[0].text
-    stop = next(text[i : i + 3] for i in range(4, len(text) - 3) if text[i : i + 3].isprintable()
-                and text[i : i + 3].strip() and text.find(text[i : i + 3]) == i)
-    stopped = client.messages.create(model=MODEL, max_tokens=40, messages=user("Hello, world!"),
-                                     stop_sequences=[stop], extra_body=T0)
+    stop = next(
+        text[i : i + 3]
+        for i in range(4, len(text) - 3)
+        if text[i : i + 3].isprintable() and text[i : i + 3].strip() and text.find(text[i : i + 3]) == i
+    )
+    stopped = client.messages.create(
+        model=MODEL, max_tokens=40, messages=user("Hello, world!"), stop_sequences=[stop], extra_body=T0
+    )
     assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == stop
     assert stopped.content[0].text == text[: text.find(stop)]
 
 
 def test_system_prompts_as_string_blocks_and_messages(client):
     a = client.messages.create(model=MODEL, max_tokens=6, system="Be terse.", messages=user("hi"), extra_body=T0)
-    b = client.messages.create(model=MODEL, max_tokens=6, messages=user("hi"), extra_body=T0,
-                               system=[{"type": "text", "text": "Be terse.", "cache_control": {"type": "ephemeral"}}])
-    c = client.messages.create(model=MODEL, max_tokens=6, extra_body=T0,
-                               messages=[{"role": "system", "content": "Be terse."}, *user("hi")])
+    b = client.messages.create(
+        model=MODEL,
+        max_tokens=6,
+        messages=user("hi"),
+        extra_body=T0,
+        system=[{"type": "text", "text": "Be terse.", "cache_control": {"type": "ephemeral"}}],
+    )
+    c = client.messages.create(
+        model=MODEL, max_tokens=6, extra_body=T0, messages=[{"role": "system", "content": "Be terse."}, *user("hi")]
+    )
     assert a.content[0].text == b.content[0].text == c.content[0].text
 
 
 def test_unknown_fields_are_tolerated(api):
-    body = {"model": MODEL, "max_tokens": 3, "messages": user("hi"), "temperature": 0,
-            "some_future_option": {"x": 1}, "metadata": {"user_id": "u1"}, "tools": []}
+    body = {
+        "model": MODEL,
+        "max_tokens": 3,
+        "messages": user("hi"),
+        "temperature": 0,
+        "some_future_option": {"x": 1},
+        "metadata": {"user_id": "u1"},
+        "tools": [],
+    }
     assert httpx.post(f"{api.url}/v1/messages", json=body, timeout=60).status_code == 200
 
 
-@pytest.mark.parametrize(("block", "needle"), [
-    ({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}, "image"),
-    ({"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}, "document"),
-    ({"type": "tool_result", "tool_use_id": "t1", "content": "x"}, "tool"),
-])
+@pytest.mark.parametrize(
+    ("block", "needle"),
+    [
+        ({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}, "image"),
+        ({"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}, "document"),
+        ({"type": "tool_result", "tool_use_id": "t1", "content": "x"}, "tool"),
+    ],
+)
 def test_blocks_the_model_cannot_use_are_400_not_500(client, block, needle):
     with pytest.raises(anthropic.BadRequestError) as err:
         client.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": [block]}])
@@ -121,8 +152,12 @@ def test_validation_errors_name_the_field(client):
 
 
 def test_malformed_json_is_400_in_the_anthropic_envelope(api):
-    r = httpx.post(f"{api.url}/v1/messages", content=b'{"model": "tiny", "max_tok', timeout=30,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{api.url}/v1/messages",
+        content=b'{"model": "tiny", "max_tok',
+        timeout=30,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400
     assert r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error"
     assert "JSON" in r.json()["error"]["message"]
@@ -130,9 +165,11 @@ def test_malformed_json_is_400_in_the_anthropic_envelope(api):
 
 
 def test_wrong_types_and_empty_messages(api):
-    for body, field in [({"model": MODEL, "max_tokens": "many", "messages": user("x")}, "max_tokens"),
-                        ({"model": MODEL, "max_tokens": 5, "messages": "hello"}, "messages"),
-                        ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "robot", "content": "x"}]}, "role")]:
+    for body, field in [
+        ({"model": MODEL, "max_tokens": "many", "messages": user("x")}, "max_tokens"),
+        ({"model": MODEL, "max_tokens": 5, "messages": "hello"}, "messages"),
+        ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "robot", "content": "x"}]}, "role"),
+    ]:
         r = httpx.post(f"{api.url}/v1/messages", json=body, timeout=30)
         assert r.status_code == 400, body
         assert field in r.json()["error"]["message"]
@@ -157,8 +194,9 @@ def test_prompt_over_context_is_400_with_both_numbers(client, api):
 
 def test_huge_body_is_413(server_factory):
     server = server_factory(server_max_body_mb=0.01)
-    r = httpx.post(f"{server.url}/v1/messages", json={"model": MODEL, "max_tokens": 5,
-                                                      "messages": user("x" * 50_000)}, timeout=30)
+    r = httpx.post(
+        f"{server.url}/v1/messages", json={"model": MODEL, "max_tokens": 5, "messages": user("x" * 50_000)}, timeout=30
+    )
     assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
 
 
@@ -174,8 +212,9 @@ def test_count_tokens_and_models(client, api):
 
 
 def test_beta_query_parameter_is_accepted(api):
-    r = httpx.post(f"{api.url}/v1/messages?beta=true", json={"model": MODEL, "max_tokens": 2,
-                                                             "messages": user("hi")}, timeout=30)
+    r = httpx.post(
+        f"{api.url}/v1/messages?beta=true", json={"model": MODEL, "max_tokens": 2, "messages": user("hi")}, timeout=30
+    )
     assert r.status_code == 200
 
 
@@ -225,8 +264,11 @@ def test_two_servers_in_one_process_count_only_their_own_requests(server_factory
 
     def served(server, path: str) -> float:
         text = httpx.get(f"{server.url}/metrics").text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("semantic_request_total{") and f'path="{path}"' in line)
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("semantic_request_total{") and f'path="{path}"' in line
+        )
 
     assert served(first, "/v1/models") == 7
     assert served(second, "/v1/models") == 0
@@ -244,10 +286,18 @@ def test_metrics_use_route_templates(client, api):
     client.messages.create(model=MODEL, max_tokens=2, messages=user("hi"), extra_headers={"x-agent-id": "m1"})
     httpx.get(f"{api.url}/v1/agents/m1")
     text = httpx.get(f"{api.url}/metrics").text
-    for name in ("semantic_request_total", "semantic_request_duration_seconds_bucket",
-                 "semantic_pool_utilization_ratio", "semantic_agents_active", "semantic_cache_hit_total",
-                 "semantic_time_to_first_token_seconds_bucket", "semantic_tokens_per_second",
-                 "semantic_queue_depth", "semantic_evictions_total", "semantic_quarantined_files_total"):
+    for name in (
+        "semantic_request_total",
+        "semantic_request_duration_seconds_bucket",
+        "semantic_pool_utilization_ratio",
+        "semantic_agents_active",
+        "semantic_cache_hit_total",
+        "semantic_time_to_first_token_seconds_bucket",
+        "semantic_tokens_per_second",
+        "semantic_queue_depth",
+        "semantic_evictions_total",
+        "semantic_quarantined_files_total",
+    ):
         assert name in text, name
     assert 'path="/v1/agents/{agent_id}"' in text
     assert 'path="/v1/agents/m1"' not in text
@@ -262,8 +312,7 @@ def test_agents_api(api):
     c.messages.create(model=MODEL, max_tokens=4, messages=user("hello"), extra_headers={"x-agent-id": "helper"})
     got = httpx.get(f"{base}/helper").json()
     assert got["tokens"] > 0 and [m["role"] for m in got["history"]] == ["user", "assistant"]
-    assert httpx.patch(f"{base}/helper", json={"display_name": "Kind helper"}).json()["display_name"] == \
-        "Kind helper"
+    assert httpx.patch(f"{base}/helper", json={"display_name": "Kind helper"}).json()["display_name"] == "Kind helper"
     assert httpx.post(f"{base}/helper/save", json={}).json()["saved"] is True
     assert httpx.post(f"{base}/helper/evict", json={}).json()["tier"] == "cold"
     assert httpx.post(f"{base}/helper/pin", json={}).json()["tier"] == "hot"
@@ -280,10 +329,8 @@ def test_agents_api(api):
 
 
 def test_client_disconnect_cancels_generation(api):
-    body = {"model": MODEL, "max_tokens": 5000, "stream": True, "messages": user("go on forever"),
-            "temperature": 0}
-    with httpx.stream("POST", f"{api.url}/v1/messages", json=body, timeout=60,
-                      headers={"x-agent-id": "leaver"}) as r:
+    body = {"model": MODEL, "max_tokens": 5000, "stream": True, "messages": user("go on forever"), "temperature": 0}
+    with httpx.stream("POST", f"{api.url}/v1/messages", json=body, timeout=60, headers={"x-agent-id": "leaver"}) as r:
         for line in r.iter_lines():
             if "content_block_delta" in line:
                 break
@@ -302,10 +349,12 @@ def test_client_disconnect_cancels_generation(api):
 
 def test_a_named_agents_own_system_prompt_applies_when_the_request_gives_none(client, api):
     httpx.post(f"{api.url}/v1/agents", json={"id": "poet", "system_prompt": "You answer in rhyme. " * 5})
-    with_agent = client.messages.create(model=MODEL, max_tokens=1, messages=user("hi"), extra_body=T0,
-                                        extra_headers={"x-agent-id": "poet"})
-    plain = client.messages.create(model=MODEL, max_tokens=1, messages=user("hi"), extra_body=T0,
-                                   extra_headers={"x-agent-id": "prose"})
+    with_agent = client.messages.create(
+        model=MODEL, max_tokens=1, messages=user("hi"), extra_body=T0, extra_headers={"x-agent-id": "poet"}
+    )
+    plain = client.messages.create(
+        model=MODEL, max_tokens=1, messages=user("hi"), extra_body=T0, extra_headers={"x-agent-id": "prose"}
+    )
     total = with_agent.usage.input_tokens + with_agent.usage.cache_read_input_tokens
     assert total > plain.usage.input_tokens + 20
     assert client.models.retrieve("claude-local-test").id == MODEL  # aliases resolve like in /v1/messages

@@ -40,8 +40,9 @@ def turn_two(engine, r1) -> list[int]:
     """Turn 2's prompt: it extends exactly what turn 1 left in the cache (the tiny models' answers are
     not text that re-tokenizes to the same ids, which a sliding-window cache could not trim back to)."""
     first = engine.render([{"role": "user", "content": FIRST}]).tokens
-    suffix = engine.tokenizer.encode(f"<|im_end|>\n<|im_start|>user\n{SECOND}<|im_end|>\n<|im_start|>assistant\n",
-                                     add_special_tokens=False)
+    suffix = engine.tokenizer.encode(
+        f"<|im_end|>\n<|im_start|>user\n{SECOND}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
+    )
     return [*first, *r1.token_ids, *suffix]
 
 
@@ -51,8 +52,9 @@ def two_turns(engine, agent_id: str | None = None, between=None):
     r1 = engine.complete(GenerationRequest(tokens=first, max_tokens=12, temperature=0.0, agent_id=agent_id))
     if between is not None:
         engine = between(engine, r1) or engine
-    r2 = engine.complete(GenerationRequest(tokens=turn_two(engine, r1), max_tokens=12, temperature=0.0,
-                                           agent_id=agent_id))
+    r2 = engine.complete(
+        GenerationRequest(tokens=turn_two(engine, r1), max_tokens=12, temperature=0.0, agent_id=agent_id)
+    )
     return r1, r2
 
 
@@ -105,8 +107,11 @@ def test_a_fork_continues_exactly_like_its_parent(arch_loaded, engine_factory, r
 
     def fork(engine, r1):
         engine.fork_agent("parent", "child")
-        children.append(engine.complete(GenerationRequest(tokens=turn_two(engine, r1), max_tokens=12,
-                                                          temperature=0.0, agent_id="child")))
+        children.append(
+            engine.complete(
+                GenerationRequest(tokens=turn_two(engine, r1), max_tokens=12, temperature=0.0, agent_id="child")
+            )
+        )
 
     _, parent = two_turns(engine_factory(loaded=loaded), "parent", fork)
     assert parent.token_ids == children[0].token_ids == reference[1].token_ids
@@ -156,11 +161,11 @@ def test_batched_decode_equals_one_at_a_time(arch_loaded, engine_factory):
     _, loaded = arch_loaded
     prompts = [FIRST, SECOND, "def add(a, b):\n    return a + b", "Hello, world! " * 6, "Bonjour le monde"]
     alone = engine_factory(loaded=loaded, mlx_max_batch_size=1)
-    expected = [alone.complete(request_for(alone, [{"role": "user", "content": p}], max_tokens=20)).token_ids
-                for p in prompts]
+    expected = [
+        alone.complete(request_for(alone, [{"role": "user", "content": p}], max_tokens=20)).token_ids for p in prompts
+    ]
     batched = engine_factory(loaded=loaded, mlx_max_batch_size=8)
-    handles = [batched.submit(request_for(batched, [{"role": "user", "content": p}], max_tokens=20))
-               for p in prompts]
+    handles = [batched.submit(request_for(batched, [{"role": "user", "content": p}], max_tokens=20)) for p in prompts]
     assert [h.wait().token_ids for h in handles] == expected
 
 
@@ -168,8 +173,9 @@ def test_preemption_to_disk_and_back_gives_the_same_tokens(arch_loaded, engine_f
     _, loaded = arch_loaded
     prompts = [FIRST, SECOND, "The quick brown fox jumps over the lazy dog."]
     free = engine_factory(loaded=loaded)
-    expected = [free.complete(request_for(free, [{"role": "user", "content": p}], max_tokens=90)).token_ids
-                for p in prompts]
+    expected = [
+        free.complete(request_for(free, [{"role": "user", "content": p}], max_tokens=90)).token_ids for p in prompts
+    ]
     per_block = 64 * loaded.info.bytes_per_token
     tight = engine_factory(loaded=loaded, mlx_cache_budget_mb=4.5 * per_block / (1024 * 1024))
     handles = [tight.submit(request_for(tight, [{"role": "user", "content": p}], max_tokens=90)) for p in prompts]
@@ -188,8 +194,11 @@ def test_a_file_of_another_architecture_is_refused(arch_loaded, engine_factory, 
     from semantic_core.model.registry import ResolvedModel
 
     other_arch = next(a for a in ARCHITECTURES if a != arch)
-    other = load_resolved(ResolvedModel(other_arch, build_tiny_model(Path(tmp_path / f"o-{other_arch}"),
-                                                                      arch=other_arch, seed=3), "local-dir"))
+    other = load_resolved(
+        ResolvedModel(
+            other_arch, build_tiny_model(Path(tmp_path / f"o-{other_arch}"), arch=other_arch, seed=3), "local-dir"
+        )
+    )
     second = engine_factory(loaded=other, agent_cache_dir=cache)
     info = next(a for a in second.list_agents() if a.id == "theirs")
     assert not info.compatible and info.tier == "cold"

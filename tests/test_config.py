@@ -43,21 +43,28 @@ def test_every_documented_variable_is_read(monkeypatch, tmp_path):
     assert (s.server_host, s.server_port, s.server_log_level) == ("0.0.0.0", 9123, "PRODUCTION")
     assert s.server_cors_origins == ["http://a.test", "http://b.test"]
     assert (s.server_rate_limit_per_client, s.server_rate_limit_global) == (5, 50)
-    assert (s.mlx_model_id, s.mlx_cache_budget_mb, s.mlx_max_batch_size, s.mlx_prefill_step_size) == \
-        ("org/model", 512, 4, 256)
+    assert (s.mlx_model_id, s.mlx_cache_budget_mb, s.mlx_max_batch_size, s.mlx_prefill_step_size) == (
+        "org/model",
+        512,
+        4,
+        256,
+    )
     assert s.agent_cache_dir == tmp_path and s.agent_max_agents_in_memory == 7
     assert s.api_keys == ["key-one", "key-two"]
     public = s.public_dict()
     assert "key-one" not in str(public) and public["ANTHROPIC_API_KEY"] == "****, ****"
 
 
-@pytest.mark.parametrize(("name", "value", "needle"), [
-    ("SEMANTIC_SERVER_PORT", "eighty", "SEMANTIC_SERVER_PORT"),
-    ("SEMANTIC_SERVER_PORT", "70000", "SEMANTIC_SERVER_PORT"),
-    ("SEMANTIC_MLX_CACHE_BUDGET_MB", "-1", "SEMANTIC_MLX_CACHE_BUDGET_MB"),
-    ("SEMANTIC_SERVER_LOG_LEVEL", "LOUD", "SEMANTIC_SERVER_LOG_LEVEL"),
-    ("SEMANTIC_SERVER_WORKERS", "4", "only 1 worker"),
-])
+@pytest.mark.parametrize(
+    ("name", "value", "needle"),
+    [
+        ("SEMANTIC_SERVER_PORT", "eighty", "SEMANTIC_SERVER_PORT"),
+        ("SEMANTIC_SERVER_PORT", "70000", "SEMANTIC_SERVER_PORT"),
+        ("SEMANTIC_MLX_CACHE_BUDGET_MB", "-1", "SEMANTIC_MLX_CACHE_BUDGET_MB"),
+        ("SEMANTIC_SERVER_LOG_LEVEL", "LOUD", "SEMANTIC_SERVER_LOG_LEVEL"),
+        ("SEMANTIC_SERVER_WORKERS", "4", "only 1 worker"),
+    ],
+)
 def test_invalid_values_fail_with_one_line_naming_the_variable(monkeypatch, name, value, needle):
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError) as err:
@@ -68,8 +75,9 @@ def test_invalid_values_fail_with_one_line_naming_the_variable(monkeypatch, name
 
 def test_cli_reports_a_bad_variable_and_exits_2():
     env = {"SEMANTIC_SERVER_PORT": "nope", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "semantic_tui.cli", "config"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "semantic_tui.cli", "config"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2
     assert "SEMANTIC_SERVER_PORT" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -80,8 +88,13 @@ def test_config_json_masks_secrets_and_shows_device_and_blas():
     import os
 
     env = {**os.environ, "ANTHROPIC_API_KEY": "sk-very-secret-key-123"}
-    proc = subprocess.run([sys.executable, "-m", "semantic_tui.cli", "config", "--json"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "semantic_tui.cli", "config", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "sk-very-secret-key-123" not in proc.stdout
     data = json.loads(proc.stdout)

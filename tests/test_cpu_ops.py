@@ -60,8 +60,9 @@ def test_large_scores_stay_finite_and_exact():
 def test_swiglu_matches_mlx_and_handles_extreme_gates():
     from mlx_lm.models.activations import swiglu
 
-    gate = mx.concatenate([mx.random.normal((2, 5, 64)) * 6, mx.full((2, 1, 64), -200.0),
-                           mx.full((2, 1, 64), 200.0)], axis=1)
+    gate = mx.concatenate(
+        [mx.random.normal((2, 5, 64)) * 6, mx.full((2, 1, 64), -200.0), mx.full((2, 1, 64), 200.0)], axis=1
+    )
     up = mx.random.normal((2, 7, 64))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no overflow warning from NumPy

@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def start_loop(agents_dir: Path, first_version: int) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.helpers.save_loop", str(agents_dir), "loop", str(first_version)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     return proc
@@ -69,8 +71,13 @@ def test_full_disk_raises_and_keeps_the_previous_file(tmp_path):
     agents_dir = tmp_path / "agents"
     save(agents_dir, "big", 1, 64)
     before = (agents_dir / "big.safetensors").read_bytes()
-    proc = subprocess.run([sys.executable, "-m", "tests.helpers.save_loop", str(agents_dir), "fsize"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.helpers.save_loop", str(agents_dir), "fsize"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 3, proc.stderr
     assert "StorageError" in proc.stdout and "File too large" in proc.stdout
     assert (agents_dir / "big.safetensors").read_bytes() == before

@@ -211,8 +211,9 @@ def test_short_request_during_long_prefill_gets_first_token_within_two_chunks(en
     short.wait()
     long.wait()
     first_token = next(i for i, hid, e in log if hid == short.id and isinstance(e, TextDelta | Finished))
-    chunks_between = [i for i, hid, e in log[submitted_at:] if hid == long.id and isinstance(e, PrefillProgress)
-                      and i < first_token]
+    chunks_between = [
+        i for i, hid, e in log[submitted_at:] if hid == long.id and isinstance(e, PrefillProgress) and i < first_token
+    ]
     assert len(chunks_between) <= 2
 
 
@@ -265,8 +266,9 @@ def test_partial_prefix_match_forks_a_new_agent(tiny_engine):
     info, _ = tiny_engine.get_agent(rb.agent_id)
     assert info.forked_from == ra.agent_id
     # The original agent is untouched: resending its conversation still hits its whole cache.
-    again = tiny_engine.complete(req_msgs(tiny_engine, [*a, {"role": "assistant", "content": ra.text},
-                                                         {"role": "user", "content": "ok"}]))
+    again = tiny_engine.complete(
+        req_msgs(tiny_engine, [*a, {"role": "assistant", "content": ra.text}, {"role": "user", "content": "ok"}])
+    )
     assert again.agent_id == ra.agent_id
 
 

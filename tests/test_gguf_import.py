@@ -66,12 +66,25 @@ def write_gguf(path: Path, tmp: Path, *, arch: str = "llama", qtype: str = "Q8_0
     hf["model.embed_tokens.weight"] = embed
     add("token_embd.weight", embed, "Q8_0")
     add("output_norm.weight", np.ones(HIDDEN, np.float32), "F32")
-    kinds = {"attn_q": qtype, "attn_k": "Q4_0", "attn_v": "Q4_1", "attn_output": qtype,
-             "ffn_gate": "Q4_0", "ffn_up": "Q4_1", "ffn_down": qtype}
+    kinds = {
+        "attn_q": qtype,
+        "attn_k": "Q4_0",
+        "attn_v": "Q4_1",
+        "attn_output": qtype,
+        "ffn_gate": "Q4_0",
+        "ffn_up": "Q4_1",
+        "ffn_down": qtype,
+    }
     for i in range(LAYERS):
-        shapes = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (HIDDEN // 2, HIDDEN), "attn_v": (HIDDEN // 2, HIDDEN),
-                  "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN),
-                  "ffn_down": (HIDDEN, INTER)}
+        shapes = {
+            "attn_q": (HIDDEN, HIDDEN),
+            "attn_k": (HIDDEN // 2, HIDDEN),
+            "attn_v": (HIDDEN // 2, HIDDEN),
+            "attn_output": (HIDDEN, HIDDEN),
+            "ffn_gate": (INTER, HIDDEN),
+            "ffn_up": (INTER, HIDDEN),
+            "ffn_down": (HIDDEN, INTER),
+        }
         for kind, shape in shapes.items():
             w = rnd(*shape)
             hf[f"{i}.{kind}"] = w
@@ -104,9 +117,15 @@ def test_converted_weights_match_the_originals_with_rope_permutation_undone(tmp_
     model, _ = load_model(out)
     model = dequantize_model(model)
     model.set_dtype(mx.float32)
-    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-             "ffn_down": "mlp.down_proj"}
+    names = {
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
     for i in range(LAYERS):
         layer = model.model.layers[i]
         for kind, attr in names.items():

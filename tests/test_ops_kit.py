@@ -34,10 +34,24 @@ SEVERITIES = ("critical", "warning", "info")
 # Series that do not come from this process: Prometheus' scrape health and node_exporter.
 EXTERNAL_METRICS = frozenset({"up", "node_filesystem_avail_bytes", "node_filesystem_size_bytes"})
 # PromQL words that look like identifiers but are not series names.
-PROMQL_KEYWORDS = frozenset({
-    "and", "or", "unless", "bool", "by", "without", "on", "ignoring", "group_left", "group_right",
-    "offset", "inf", "nan", "atan2",
-})
+PROMQL_KEYWORDS = frozenset(
+    {
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "offset",
+        "inf",
+        "nan",
+        "atan2",
+    }
+)
 # Grafana macros and dashboard variables, replaced by plausible values before promtool parses a query.
 GRAFANA_MACROS = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h", "instance": ".*"}
 
@@ -48,8 +62,10 @@ GRAFANA_MACROS = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h", 
 def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.skip("promtool is not installed: install Prometheus' tools, e.g. `apt-get install prometheus` "
-                    "(Debian/Ubuntu) or `brew install prometheus` (macOS)")
+        pytest.skip(
+            "promtool is not installed: install Prometheus' tools, e.g. `apt-get install prometheus` "
+            "(Debian/Ubuntu) or `brew install prometheus` (macOS)"
+        )
     return path
 
 
@@ -91,7 +107,7 @@ def metric_names_in(expr: str) -> set[str]:
     names = set()
     for match in re.finditer(r"(?<![\w.$:])[A-Za-z_:][A-Za-z0-9_:]*", text):
         word = match.group(0)
-        following = text[match.end():].lstrip()[:1]
+        following = text[match.end() :].lstrip()[:1]
         if following == "(" or word.lower() in PROMQL_KEYWORDS:
             continue
         names.add(word)
@@ -133,7 +149,7 @@ def markdown_section(path: Path, anchor: str) -> str:
     headings = markdown_headings(path)
     for n, (level, _, slug, start) in enumerate(headings):
         if slug == anchor:
-            end = next((line for lvl, _, _, line in headings[n + 1:] if lvl <= level), len(lines))
+            end = next((line for lvl, _, _, line in headings[n + 1 :] if lvl <= level), len(lines))
             return "\n".join(lines[start:end])
     raise AssertionError(f"no heading with anchor #{anchor} in {path.name}")
 
@@ -183,8 +199,10 @@ def test_the_example_prometheus_configuration_is_valid() -> None:
 
 def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
-    rules = [{"record": f"dashboard:query_{i}", "expr": expand_grafana_macros(expr)}
-             for i, expr in enumerate(dashboard_exprs(dashboard).values())]
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": expand_grafana_macros(expr)}
+        for i, expr in enumerate(dashboard_exprs(dashboard).values())
+    ]
     rule_file = tmp_path / "dashboard_queries.yml"
     rule_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = run_promtool("check", "rules", rule_file)
@@ -222,7 +240,8 @@ def test_every_runbook_url_points_at_a_section_that_names_its_alert() -> None:
         assert target == "docs/PRODUCTION_RUNBOOK.md", rule["alert"]
         assert anchor in anchors, f"{rule['alert']}: no heading for #{anchor} in the runbook"
         assert rule["alert"] in markdown_section(RUNBOOK, anchor), (
-            f"the runbook section #{anchor} does not name {rule['alert']}")
+            f"the runbook section #{anchor} does not name {rule['alert']}"
+        )
 
 
 def test_unit_tests_make_every_alert_fire_and_check_a_silent_case() -> None:
@@ -234,12 +253,13 @@ def test_unit_tests_make_every_alert_fire_and_check_a_silent_case() -> None:
 
 
 def test_metric_name_extraction() -> None:
-    expr = ('histogram_quantile(0.95, sum by (le, path) (rate(semantic_request_duration_seconds_bucket'
-            '{path!~"/v1/messages|up"}[5m]))) > 5 and on (instance) up == 0 or x_total offset 15m '
-            "unless 5e9 < semantic_ready")
+    expr = (
+        "histogram_quantile(0.95, sum by (le, path) (rate(semantic_request_duration_seconds_bucket"
+        '{path!~"/v1/messages|up"}[5m]))) > 5 and on (instance) up == 0 or x_total offset 15m '
+        "unless 5e9 < semantic_ready"
+    )
     assert metric_names_in(expr) == {"semantic_request_duration_seconds_bucket", "up", "x_total", "semantic_ready"}
-    assert metric_names_in("sum(rate(semantic_request_total[$__rate_interval])) / 1024^3") == {
-        "semantic_request_total"}
+    assert metric_names_in("sum(rate(semantic_request_total[$__rate_interval])) / 1024^3") == {"semantic_request_total"}
 
 
 # Grafana dashboard -----------------------------------------------------------------------------------
@@ -276,13 +296,27 @@ def test_dashboard_shows_the_key_metrics() -> None:
     for expr in dashboard_exprs(json.loads(DASHBOARD.read_text())).values():
         used |= metric_names_in(expr)
     wanted = {
-        "semantic_request_total", "semantic_request_duration_seconds_bucket",
-        "semantic_time_to_first_token_seconds_bucket", "semantic_tokens_per_second", "semantic_tokens_total",
-        "semantic_batch_size", "semantic_queue_depth", "semantic_pool_utilization_ratio", "semantic_pool_blocks",
-        "semantic_agents", "semantic_agents_active", "semantic_cache_hit_total", "semantic_evictions_total",
-        "semantic_agent_saves_total", "semantic_agent_loads_total", "semantic_agent_save_seconds_bucket",
-        "semantic_agent_load_seconds_bucket", "semantic_quarantined_files_total", "semantic_cache_disk_bytes",
-        "semantic_rate_limited_total", "semantic_ready",
+        "semantic_request_total",
+        "semantic_request_duration_seconds_bucket",
+        "semantic_time_to_first_token_seconds_bucket",
+        "semantic_tokens_per_second",
+        "semantic_tokens_total",
+        "semantic_batch_size",
+        "semantic_queue_depth",
+        "semantic_pool_utilization_ratio",
+        "semantic_pool_blocks",
+        "semantic_agents",
+        "semantic_agents_active",
+        "semantic_cache_hit_total",
+        "semantic_evictions_total",
+        "semantic_agent_saves_total",
+        "semantic_agent_loads_total",
+        "semantic_agent_save_seconds_bucket",
+        "semantic_agent_load_seconds_bucket",
+        "semantic_quarantined_files_total",
+        "semantic_cache_disk_bytes",
+        "semantic_rate_limited_total",
+        "semantic_ready",
     }
     assert wanted - used == set()
 

@@ -50,8 +50,11 @@ def test_two_agents_answer_in_parallel_and_keep_their_own_context(engine_factory
 
     def first_turn(agent: str) -> None:
         messages = [{"role": "user", "content": facts[agent]}]
-        r = engine.complete(GenerationRequest(tokens=engine.render(messages).tokens, max_tokens=30,
-                                              temperature=0.0, agent_id=agent, messages=messages))
+        r = engine.complete(
+            GenerationRequest(
+                tokens=engine.render(messages).tokens, max_tokens=30, temperature=0.0, agent_id=agent, messages=messages
+            )
+        )
         histories[agent] = [*messages, {"role": "assistant", "content": r.text}]
 
     threads = [threading.Thread(target=first_turn, args=(a,)) for a in facts]
@@ -63,9 +66,11 @@ def test_two_agents_answer_in_parallel_and_keep_their_own_context(engine_factory
     handles = {}
     for agent in facts:
         messages = [*histories[agent], {"role": "user", "content": "What is the secret word?"}]
-        handles[agent] = engine.submit(GenerationRequest(
-            tokens=engine.render(messages).tokens, max_tokens=30, temperature=0.0, agent_id=agent,
-            messages=messages))
+        handles[agent] = engine.submit(
+            GenerationRequest(
+                tokens=engine.render(messages).tokens, max_tokens=30, temperature=0.0, agent_id=agent, messages=messages
+            )
+        )
     results = {agent: h.wait() for agent, h in handles.items()}
     assert "banana" in results["alice"].text.lower() and "purple" not in results["alice"].text.lower()
     assert "purple" in results["bob"].text.lower() and "banana" not in results["bob"].text.lower()

@@ -64,12 +64,15 @@ def test_top_k_of_the_vocabulary_size_is_served_and_the_engine_goes_on(server_fa
     still_serving(server)
 
 
-@pytest.mark.parametrize(("field", "values"), [
-    ("max_tokens", [0, -1, 2**63, 1e308, "5", True, None, 5.0, [], {}]),
-    ("temperature", [-1, 2.0001, "0.5", True, [], 1e308]),
-    ("top_p", [0, -0.1, 1.0000001, "1", False]),
-    ("top_k", [-1, 1.5, "3", True, 2**64]),
-])
+@pytest.mark.parametrize(
+    ("field", "values"),
+    [
+        ("max_tokens", [0, -1, 2**63, 1e308, "5", True, None, 5.0, [], {}]),
+        ("temperature", [-1, 2.0001, "0.5", True, [], 1e308]),
+        ("top_p", [0, -0.1, 1.0000001, "1", False]),
+        ("top_k", [-1, 1.5, "3", True, 2**64]),
+    ],
+)
 def test_every_numeric_field_at_its_extremes_is_a_400_or_served(server_factory, field, values):
     server = server_factory()
     for value in values:
@@ -150,11 +153,22 @@ def test_a_dead_engine_loop_fails_the_probes(server_factory, monkeypatch):
 @pytest.mark.slow
 def test_semantic_serve_exits_non_zero_when_its_engine_loop_dies(tiny_model_dir, tmp_path):
     port = free_port()
-    env = {**os.environ, "SEMANTIC_MLX_MODEL_ID": str(tiny_model_dir), "SEMANTIC_AGENT_CACHE_DIR": str(tmp_path),
-           "SEMANTIC_SERVER_PORT": str(port), "SEMANTIC_SERVER_LOG_LEVEL": "PRODUCTION"}
+    env = {
+        **os.environ,
+        "SEMANTIC_MLX_MODEL_ID": str(tiny_model_dir),
+        "SEMANTIC_AGENT_CACHE_DIR": str(tmp_path),
+        "SEMANTIC_SERVER_PORT": str(port),
+        "SEMANTIC_SERVER_LOG_LEVEL": "PRODUCTION",
+    }
     log_file = (tmp_path / "serve.log").open("w")  # a file, not a pipe nobody reads while it runs
-    proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.dying_serve"], cwd=ROOT, env=env,
-                            stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.helpers.dying_serve"],
+        cwd=ROOT,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -164,8 +178,11 @@ def test_semantic_serve_exits_non_zero_when_its_engine_loop_dies(tiny_model_dir,
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        httpx.post(f"{url}/v1/messages", json={"model": "claude-local-test", "max_tokens": 2,
-                                               "messages": user("boom")}, timeout=30)
+        httpx.post(
+            f"{url}/v1/messages",
+            json={"model": "claude-local-test", "max_tokens": 2, "messages": user("boom")},
+            timeout=30,
+        )
         assert proc.wait(30) == 70
     finally:
         if proc.poll() is None:
@@ -177,19 +194,40 @@ def test_semantic_serve_exits_non_zero_when_its_engine_loop_dies(tiny_model_dir,
 # Files that do not fit the model --------------------------------------------------------------------
 
 
-def _forge(agents_dir: Path, engine, agent_id: str, *, layers: int | None = None, kv_heads: int | None = None,
-           head_dim: int | None = None, dtype=np.float32, tokens: list[int] | None = None) -> None:
+def _forge(
+    agents_dir: Path,
+    engine,
+    agent_id: str,
+    *,
+    layers: int | None = None,
+    kv_heads: int | None = None,
+    head_dim: int | None = None,
+    dtype=np.float32,
+    tokens: list[int] | None = None,
+) -> None:
     """An agent file with a valid checksum and the loaded model's fingerprint that does not fit it."""
     info = engine.info
     tokens = tokens or [5] * 10
     from semantic_core.model import kv
 
     shape = (1, kv_heads or info.kv_heads, len(tokens), head_dim or info.head_dim)
-    arrays = [kv.LayerState(kv.PLAIN, {"keys": np.zeros(shape, dtype=dtype), "values": np.zeros(shape, dtype=dtype)},
-                            {"offset": len(tokens)}) for _ in range(layers or info.num_layers)]
+    arrays = [
+        kv.LayerState(
+            kv.PLAIN,
+            {"keys": np.zeros(shape, dtype=dtype), "values": np.zeros(shape, dtype=dtype)},
+            {"offset": len(tokens)},
+        )
+        for _ in range(layers or info.num_layers)
+    ]
     record = AgentRecord(id=agent_id, messages=[{"role": "user", "content": "forged"}])
-    disk.write_agent_file(disk.agent_path(agents_dir, agent_id), record, tokens, arrays,
-                          fingerprint=info.fingerprint, model_id=info.model_id)
+    disk.write_agent_file(
+        disk.agent_path(agents_dir, agent_id),
+        record,
+        tokens,
+        arrays,
+        fingerprint=info.fingerprint,
+        model_id=info.model_id,
+    )
 
 
 FORGERIES = {
@@ -256,8 +294,12 @@ def test_a_failing_request_logs_a_traceback_without_its_key_or_prompt(server_fac
         raise RuntimeError("something unexpected")
 
     monkeypatch.setattr(server.app.state.turns, "render", broken)
-    r = httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": KEY},
-                   json={"model": MODEL, "max_tokens": 4, "messages": user(secret_prompt)}, timeout=30)
+    r = httpx.post(
+        f"{server.url}/v1/messages",
+        headers={"x-api-key": KEY},
+        json={"model": MODEL, "max_tokens": 4, "messages": user(secret_prompt)},
+        timeout=30,
+    )
     assert r.status_code == 500 and r.json()["error"]["type"] == "api_error"
     request_id = r.headers["request-id"]
     assert request_id in r.json()["error"]["message"]
@@ -277,8 +319,10 @@ def test_access_log_lines_never_carry_headers_or_bodies(server_factory):
     stream = io.StringIO()
     server = server_factory(anthropic_api_key=KEY, server_log_level="DEBUG")
     configure_logging("DEBUG", stream=stream)
-    for body in ({"model": MODEL, "max_tokens": 2, "messages": user("payload-marker-xyz")},
-                 {"model": MODEL, "max_tokens": "bad", "messages": user("payload-marker-xyz")}):
+    for body in (
+        {"model": MODEL, "max_tokens": 2, "messages": user("payload-marker-xyz")},
+        {"model": MODEL, "max_tokens": "bad", "messages": user("payload-marker-xyz")},
+    ):
         httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": KEY, "x-agent-id": "logged"}, json=body)
     httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": "sk-wrong-key-0000"}, json={})
     flush_logging()
@@ -294,23 +338,33 @@ SURROGATE = "\\ud800"  # as a JSON escape: a lone surrogate no UTF-8 text can ho
 
 
 def _raw(server, method: str, path: str, raw: str, **headers: str) -> httpx.Response:
-    return httpx.request(method, f"{server.url}{path}", content=raw.encode(), headers={**JSON, **headers},
-                         timeout=30)
+    return httpx.request(method, f"{server.url}{path}", content=raw.encode(), headers={**JSON, **headers}, timeout=30)
 
 
-@pytest.mark.parametrize(("where", "template"), [
-    ("messages.0.content", '{"model":"tiny","max_tokens":2,"messages":[{"role":"user","content":"a%sb"}]}'),
-    ("messages.0.content.0.text",
-     '{"model":"tiny","max_tokens":2,"messages":[{"role":"user","content":[{"type":"text","text":"%s"}]}]}'),
-    ("system", '{"model":"tiny","max_tokens":2,"system":"%s","messages":[{"role":"user","content":"x"}]}'),
-    ("stop_sequences.0",
-     '{"model":"tiny","max_tokens":2,"stop_sequences":["%s"],"messages":[{"role":"user","content":"x"}]}'),
-    ("model", '{"model":"%s","max_tokens":2,"messages":[{"role":"user","content":"x"}]}'),
-    ("metadata.user_id",
-     '{"model":"tiny","max_tokens":2,"metadata":{"user_id":"%s"},"messages":[{"role":"user","content":"x"}]}'),
-    ("some_future_field",
-     '{"model":"tiny","max_tokens":2,"some_future_field":"%s","messages":[{"role":"user","content":"x"}]}'),
-])
+@pytest.mark.parametrize(
+    ("where", "template"),
+    [
+        ("messages.0.content", '{"model":"tiny","max_tokens":2,"messages":[{"role":"user","content":"a%sb"}]}'),
+        (
+            "messages.0.content.0.text",
+            '{"model":"tiny","max_tokens":2,"messages":[{"role":"user","content":[{"type":"text","text":"%s"}]}]}',
+        ),
+        ("system", '{"model":"tiny","max_tokens":2,"system":"%s","messages":[{"role":"user","content":"x"}]}'),
+        (
+            "stop_sequences.0",
+            '{"model":"tiny","max_tokens":2,"stop_sequences":["%s"],"messages":[{"role":"user","content":"x"}]}',
+        ),
+        ("model", '{"model":"%s","max_tokens":2,"messages":[{"role":"user","content":"x"}]}'),
+        (
+            "metadata.user_id",
+            '{"model":"tiny","max_tokens":2,"metadata":{"user_id":"%s"},"messages":[{"role":"user","content":"x"}]}',
+        ),
+        (
+            "some_future_field",
+            '{"model":"tiny","max_tokens":2,"some_future_field":"%s","messages":[{"role":"user","content":"x"}]}',
+        ),
+    ],
+)
 def test_lone_surrogates_in_messages_are_a_400_naming_the_field(server_factory, where, template):
     server = server_factory()
     for path in ("/v1/messages", "/v1/messages/count_tokens"):
@@ -416,8 +470,9 @@ def test_deleting_an_agent_while_a_request_loads_it_leaks_no_blocks(engine_facto
     gate = threading.Event()
     engine.store._reader.submit(gate.wait)  # the next read waits until the gate opens
     follow = [*messages, {"role": "assistant", "content": first.text}, *user("And then?")]
-    handle = engine.submit(GenerationRequest(tokens=engine.render(follow).tokens, max_tokens=4, temperature=0.0,
-                                             messages=follow))
+    handle = engine.submit(
+        GenerationRequest(tokens=engine.render(follow).tokens, max_tokens=4, temperature=0.0, messages=follow)
+    )
     deadline = time.monotonic() + 10
     while not engine.call(engine.admission.loading_agents) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -457,18 +512,27 @@ def test_kill_minus_nine_right_after_an_answer_never_loses_the_turn(tiny_model_d
     for turn in range(3):
         proc = _serve(tiny_model_dir, cache, port, SEMANTIC_AGENT_SAVE_ON_FINISH="false")
         url = f"http://127.0.0.1:{port}"
-        body = {"model": "claude-local-test", "max_tokens": 6, "temperature": 0, "stream": stream,
-                "messages": user(f"turn {turn}: remember the number {turn * 7}")}
+        body = {
+            "model": "claude-local-test",
+            "max_tokens": 6,
+            "temperature": 0,
+            "stream": stream,
+            "messages": user(f"turn {turn}: remember the number {turn * 7}"),
+        }
         history = httpx.get(f"{url}/v1/agents/durable").json().get("history", []) if turn else []
         body["messages"] = [*[{"role": m["role"], "content": m["content"]} for m in history], *body["messages"]]
         if stream:
-            with httpx.stream("POST", f"{url}/v1/messages", json=body, headers={"x-agent-id": "durable"},
-                              timeout=60) as r:
+            with httpx.stream(
+                "POST", f"{url}/v1/messages", json=body, headers={"x-agent-id": "durable"}, timeout=60
+            ) as r:
                 lines = [line for line in r.iter_lines() if line]
                 assert lines[-1].startswith("data:") and '"message_stop"' in lines[-1]
                 os.kill(proc.pid, signal.SIGKILL)
-            text = "".join(json.loads(line[5:])["delta"].get("text", "") for line in lines
-                           if line.startswith("data:") and '"content_block_delta"' in line)
+            text = "".join(
+                json.loads(line[5:])["delta"].get("text", "")
+                for line in lines
+                if line.startswith("data:") and '"content_block_delta"' in line
+            )
         else:
             r = httpx.post(f"{url}/v1/messages", json=body, headers={"x-agent-id": "durable"}, timeout=60)
             os.kill(proc.pid, signal.SIGKILL)
@@ -494,27 +558,31 @@ def test_the_turn_journal_is_newer_than_the_file_after_a_crash_and_wins(engine_f
     cache_dir = tmp_path / "journal-cache"
     engine = engine_factory(agent_cache_dir=cache_dir)
     m1 = user("first question")
-    r1 = engine.complete(GenerationRequest(tokens=engine.render(m1).tokens, max_tokens=4, temperature=0.0,
-                                           agent_id="j", messages=m1))
+    r1 = engine.complete(
+        GenerationRequest(tokens=engine.render(m1).tokens, max_tokens=4, temperature=0.0, agent_id="j", messages=m1)
+    )
     engine.stop()
     file_bytes = (cache_dir / "agents" / "j.safetensors").read_bytes()
     engine = engine_factory(agent_cache_dir=cache_dir)
     m2 = [*m1, {"role": "assistant", "content": r1.text}, *user("second question")]
-    engine.complete(GenerationRequest(tokens=engine.render(m2).tokens, max_tokens=4, temperature=0.0,
-                                      agent_id="j", messages=m2))
+    engine.complete(
+        GenerationRequest(tokens=engine.render(m2).tokens, max_tokens=4, temperature=0.0, agent_id="j", messages=m2)
+    )
     engine.stop()
     (cache_dir / "agents" / "j.safetensors").write_bytes(file_bytes)  # as if the tensor save never landed
     assert not (cache_dir / "agents" / "j.turn.json").exists()  # the full save removed the journal...
     # ...so write the journal of turn 2 the way a crash before the tensor save would leave it.
     record = AgentRecord(id="j", messages=[*m2, {"role": "assistant", "content": "answer two"}], revision=2)
-    disk.write_journal(cache_dir / "agents" / "j.turn.json", record, fingerprint=engine.info.fingerprint,
-                       model_id=engine.info.model_id)
+    disk.write_journal(
+        cache_dir / "agents" / "j.turn.json", record, fingerprint=engine.info.fingerprint, model_id=engine.info.model_id
+    )
     engine = engine_factory(agent_cache_dir=cache_dir)
     _, history = engine.get_agent("j")
     assert [m["content"] for m in history][-1] == "answer two" and len(history) == 4
     m3 = [*history, *user("third")]
-    r3 = engine.complete(GenerationRequest(tokens=engine.render(m3).tokens, max_tokens=4, temperature=0.0,
-                                           agent_id="j", messages=m3))
+    r3 = engine.complete(
+        GenerationRequest(tokens=engine.render(m3).tokens, max_tokens=4, temperature=0.0, agent_id="j", messages=m3)
+    )
     assert r3.usage.cached_tokens >= len(engine.render(m1).tokens) - 1  # turn 1's cache was reused
 
 
@@ -609,8 +677,11 @@ def test_cross_site_requests_cannot_change_state(server_factory):
     r = httpx.post(evict, json={}, headers={"origin": "http://evil.example"})
     assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
     # "Simple" requests (no preflight): a form post, text/plain, or no body at all.
-    for headers, content in (({"content-type": "application/x-www-form-urlencoded"}, b"a=1"),
-                             ({"content-type": "text/plain"}, b"{}"), ({}, b"")):
+    for headers, content in (
+        ({"content-type": "application/x-www-form-urlencoded"}, b"a=1"),
+        ({"content-type": "text/plain"}, b"{}"),
+        ({}, b""),
+    ):
         r = httpx.post(evict, headers=headers, content=content)
         assert r.status_code == 415, (headers, r.text)
     msg = {"model": MODEL, "max_tokens": 2, "messages": user("x")}
@@ -619,5 +690,9 @@ def test_cross_site_requests_cannot_change_state(server_factory):
     assert httpx.get(f"{server.url}/v1/agents/target").json()["tier"] == "hot"  # nothing changed
     # What real clients send is accepted: JSON, or a custom header.
     assert httpx.post(evict, headers={"x-api-key": "unused"}).status_code == 200
-    assert httpx.post(f"{server.url}/v1/agents/target/load", json={}, headers={
-        "origin": f"http://localhost:{server.port}"}).status_code == 200
+    assert (
+        httpx.post(
+            f"{server.url}/v1/agents/target/load", json={}, headers={"origin": f"http://localhost:{server.port}"}
+        ).status_code
+        == 200
+    )

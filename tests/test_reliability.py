@@ -27,8 +27,12 @@ def _check_stream(lines: list[str]) -> str:
 @pytest.mark.slow
 async def test_32_streaming_clients_on_a_tight_pool(server_factory, tiny_loaded):
     per_block = 64 * tiny_loaded.info.bytes_per_token
-    server = server_factory(mlx_cache_budget_mb=24 * per_block / (1024 * 1024), mlx_max_batch_size=8,
-                            server_rate_limit_per_client=0, server_rate_limit_global=0)
+    server = server_factory(
+        mlx_cache_budget_mb=24 * per_block / (1024 * 1024),
+        mlx_max_batch_size=8,
+        server_rate_limit_per_client=0,
+        server_rate_limit_global=0,
+    )
     capacity = server.engine.pool.capacity
     seen: list[tuple[int, int]] = []
     server.engine.add_listener(lambda s: seen.append((s.pool_used, s.pool_capacity)))
@@ -45,11 +49,15 @@ async def test_32_streaming_clients_on_a_tight_pool(server_factory, tiny_loaded)
                 window = history[-5:]
                 while window[0]["role"] != "user":
                     window = window[1:]
-                body = {"model": "tiny", "max_tokens": rng.randint(4, 40), "stream": True, "temperature": 0.7,
-                        "messages": window}
+                body = {
+                    "model": "tiny",
+                    "max_tokens": rng.randint(4, 40),
+                    "stream": True,
+                    "temperature": 0.7,
+                    "messages": window,
+                }
                 try:
-                    async with http.stream("POST", "/v1/messages", json=body,
-                                           headers={"x-agent-id": f"load-{i}"}) as r:
+                    async with http.stream("POST", "/v1/messages", json=body, headers={"x-agent-id": f"load-{i}"}) as r:
                         if r.status_code != 200:
                             failures.append(f"{r.status_code}: {(await r.aread())[:200]!r}")
                             return
@@ -79,8 +87,12 @@ async def test_ready_probe_is_503_when_the_pool_is_stuck_full(server_factory, ti
     server = server_factory(mlx_cache_budget_mb=2.5 * per_block / (1024 * 1024))
     assert server.engine.pool.capacity == 2
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
-        body = {"model": "tiny", "max_tokens": 60, "temperature": 0,
-                "messages": [{"role": "user", "content": "fill the pool " * 8}]}
+        body = {
+            "model": "tiny",
+            "max_tokens": 60,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "fill the pool " * 8}],
+        }
         r = await http.post("/v1/messages", json=body, headers={"x-agent-id": "hog"})
         assert r.status_code == 200
         assert (await http.post("/v1/agents/hog/pin", json={})).status_code == 200

@@ -15,8 +15,11 @@ from semantic_core.engine.types import GenerationRequest
 
 
 def seq(tokens: int = 10, agent: str | None = None, admitted: float | None = None) -> Sequence:
-    s = Sequence(handle=object(), request=GenerationRequest(tokens=list(range(1, tokens + 1)), agent_id=agent),
-                 timing=Timing(submitted=0.0, admitted=admitted))
+    s = Sequence(
+        handle=object(),
+        request=GenerationRequest(tokens=list(range(1, tokens + 1)), agent_id=agent),
+        timing=Timing(submitted=0.0, admitted=admitted),
+    )
     s.agent_id = agent
     return s
 
@@ -28,8 +31,10 @@ def sched(**kw) -> Scheduler:
 
 
 def test_the_scheduler_imports_no_mlx():
-    code = ("import sys, semantic_core.engine.scheduler; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')))")
+    code = (
+        "import sys, semantic_core.engine.scheduler; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
 

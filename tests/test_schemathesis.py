@@ -21,8 +21,14 @@ def schemathesis_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("schemathesis")
     # A short context keeps every generated max_tokens cheap on the tiny model.
     loaded = load_resolved(ResolvedModel("tiny", build_tiny_model(tmp / "model", context=256), "local-dir"))
-    settings_ = make_settings(tmp, agent_cache_dir=tmp / "cache", server_rate_limit_per_client=0,
-                              server_rate_limit_global=0, server_log_level="WARNING", server_max_body_mb=1)
+    settings_ = make_settings(
+        tmp,
+        agent_cache_dir=tmp / "cache",
+        server_rate_limit_per_client=0,
+        server_rate_limit_global=0,
+        server_log_level="WARNING",
+        server_max_body_mb=1,
+    )
     server = ServerThread(settings_, loaded).start()
     yield server
     server.stop()
@@ -40,8 +46,11 @@ def calls(schemathesis_server):
     the module's last test is done, so it holds whatever order the tests ran in."""
     made: dict[tuple[str, str], list[int]] = {}
     yield made
-    operations = {(method.upper(), path) for path, methods in
-                  schemathesis_server.app.openapi()["paths"].items() for method in methods}
+    operations = {
+        (method.upper(), path)
+        for path, methods in schemathesis_server.app.openapi()["paths"].items()
+        for method in methods
+    }
     if operations <= set(made):
         total = sum(len(codes) for codes in made.values())
         print(f"schemathesis: {total} requests over {len(made)} operations")

@@ -40,10 +40,16 @@ def test_api_keys_never_appear_in_logs(server_factory):
     configure_logging("DEBUG", stream=stream)
     try:
         server = server_factory(anthropic_api_key=KEYS, server_log_level="DEBUG")
-        for headers in ({"x-api-key": "sk-first-secret-0001"}, {"authorization": "Bearer sk-second-secret-0002"},
-                        {"x-api-key": "sk-wrong-but-secret-9999"}):
-            httpx.post(f"{server.url}/v1/messages", headers=headers, json={
-                "model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        for headers in (
+            {"x-api-key": "sk-first-secret-0001"},
+            {"authorization": "Bearer sk-second-secret-0002"},
+            {"x-api-key": "sk-wrong-but-secret-9999"},
+        ):
+            httpx.post(
+                f"{server.url}/v1/messages",
+                headers=headers,
+                json={"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+            )
             httpx.get(f"{server.url}/v1/agents", headers=headers)
         flush_logging()
     finally:
@@ -65,8 +71,11 @@ def test_agent_ids_cannot_traverse_paths(api, tmp_path):
     for bad in ("..", "../../etc/passwd", "a/../../b", ".hidden", "x" * 100, "a b", "%2e%2e"):
         r = httpx.post(f"{api.url}/v1/agents", json={"id": bad})
         assert r.status_code == 400, bad
-        r = httpx.post(f"{api.url}/v1/messages", headers={"x-agent-id": bad}, json={
-            "model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        r = httpx.post(
+            f"{api.url}/v1/messages",
+            headers={"x-agent-id": bad},
+            json={"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert r.status_code == 400, bad
     outside = [p for p in tmp_path.rglob("*.safetensors") if "agents" not in p.parts]
     assert outside == []

@@ -25,11 +25,22 @@ def free_port() -> int:
 
 
 def start(model_dir: Path, cache: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "SEMANTIC_MLX_MODEL_ID": str(model_dir), "SEMANTIC_AGENT_CACHE_DIR": str(cache),
-           "SEMANTIC_SERVER_PORT": str(port), "SEMANTIC_SERVER_LOG_LEVEL": "PRODUCTION",
-           "SEMANTIC_SERVER_DRAIN_SECONDS": "20"}
-    proc = subprocess.Popen([sys.executable, "-m", "semantic_tui.cli", "serve"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "SEMANTIC_MLX_MODEL_ID": str(model_dir),
+        "SEMANTIC_AGENT_CACHE_DIR": str(cache),
+        "SEMANTIC_SERVER_PORT": str(port),
+        "SEMANTIC_SERVER_LOG_LEVEL": "PRODUCTION",
+        "SEMANTIC_SERVER_DRAIN_SECONDS": "20",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "semantic_tui.cli", "serve"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
@@ -49,16 +60,24 @@ def test_sigterm_drains_saves_and_restart_resumes(tiny_model_dir, tmp_path):
     port = free_port()
     proc = start(tiny_model_dir, tmp_path / "cache", port)
     client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="x", max_retries=0)
-    first = client.messages.create(model="claude-local-test", max_tokens=8, extra_body={"temperature": 0},
-                                   messages=[{"role": "user", "content": "Remember me."}],
-                                   extra_headers={"x-agent-id": "survivor"})
+    first = client.messages.create(
+        model="claude-local-test",
+        max_tokens=8,
+        extra_body={"temperature": 0},
+        messages=[{"role": "user", "content": "Remember me."}],
+        extra_headers={"x-agent-id": "survivor"},
+    )
     # A long stream is in flight when SIGTERM arrives: it must finish, not be cut.
     outcome: dict[str, object] = {}
 
     def long_stream() -> None:
-        with client.messages.stream(model="claude-local-test", max_tokens=400, extra_body={"temperature": 0},
-                                    messages=[{"role": "user", "content": "Tell a long story."}],
-                                    extra_headers={"x-agent-id": "in-flight"}) as s:
+        with client.messages.stream(
+            model="claude-local-test",
+            max_tokens=400,
+            extra_body={"temperature": 0},
+            messages=[{"role": "user", "content": "Tell a long story."}],
+            extra_headers={"x-agent-id": "in-flight"},
+        ) as s:
             outcome["text"] = "".join(s.text_stream)
             outcome["final"] = s.get_final_message()
 
@@ -80,11 +99,16 @@ def test_sigterm_drains_saves_and_restart_resumes(tiny_model_dir, tmp_path):
         agents = {a["id"]: a for a in httpx.get(f"http://127.0.0.1:{port}/v1/agents").json()["data"]}
         assert agents["survivor"]["tier"] == "cold" and agents["survivor"]["tokens"] > 0
         again = client.messages.create(
-            model="claude-local-test", max_tokens=4, extra_body={"temperature": 0},
-            messages=[{"role": "user", "content": "Remember me."},
-                      {"role": "assistant", "content": first.content[0].text},
-                      {"role": "user", "content": "Still there?"}],
-            extra_headers={"x-agent-id": "survivor"})
+            model="claude-local-test",
+            max_tokens=4,
+            extra_body={"temperature": 0},
+            messages=[
+                {"role": "user", "content": "Remember me."},
+                {"role": "assistant", "content": first.content[0].text},
+                {"role": "user", "content": "Still there?"},
+            ],
+            extra_headers={"x-agent-id": "survivor"},
+        )
         assert again.usage.cache_read_input_tokens >= first.usage.input_tokens
     finally:
         proc2.send_signal(signal.SIGINT)

@@ -104,8 +104,7 @@ async def test_switch_save_evict_and_resume_after_restart(tmp_path, tiny_loaded)
         table = app.query_one(AgentList)
         table.focus()
         await until(pilot, lambda: table.row_count == 2)
-        row = next(i for i in range(table.row_count)
-                   if table.coordinate_to_cell_key((i, 0)).row_key.value == "alpha")
+        row = next(i for i in range(table.row_count) if table.coordinate_to_cell_key((i, 0)).row_key.value == "alpha")
         table.move_cursor(row=row)
         await pilot.press("enter")
         await until(pilot, lambda: app.current == "alpha")
@@ -113,8 +112,7 @@ async def test_switch_save_evict_and_resume_after_restart(tmp_path, tiny_loaded)
         # Save, then evict alpha (letters act on the focused list).
         table.focus()
         await pilot.press("s")
-        await until(pilot, lambda: not next(a for a in app.engine.snapshot(fresh=True).agents
-                                            if a.id == "alpha").dirty)
+        await until(pilot, lambda: not next(a for a in app.engine.snapshot(fresh=True).agents if a.id == "alpha").dirty)
         await pilot.press("e")
         await until(pilot, lambda: tiers(app)["alpha"] == "cold")
         await pilot.press("ctrl+q")
@@ -125,8 +123,7 @@ async def test_switch_save_evict_and_resume_after_restart(tmp_path, tiny_loaded)
         assert tiers(restarted) == {"alpha": "cold", "beta": "cold"}
         # The most recently used agent opens with its history; resume alpha from disk.
         await restarted.open_agent("alpha")
-        await until(pilot, lambda: any(m.markdown.source == "first agent here"
-                                       for m in restarted.query(ChatMessage)))
+        await until(pilot, lambda: any(m.markdown.source == "first agent here" for m in restarted.query(ChatMessage)))
         answer = await send(pilot, restarted, "and again")
         stats = str(answer.query_one(".stats").render())
         cached = int(stats.split("(")[1].split(" cached")[0])
@@ -229,9 +226,13 @@ async def test_embedded_api_serves_the_same_engine(tmp_path, tiny_loaded):
                 except httpx.ConnectError:
                     await pilot.pause(0.1)
             assert r.status_code == 201
-        await until(pilot, lambda: any(
-            app.query_one(AgentList).coordinate_to_cell_key((i, 0)).row_key.value == "from-http"
-            for i in range(app.query_one(AgentList).row_count)))
+        await until(
+            pilot,
+            lambda: any(
+                app.query_one(AgentList).coordinate_to_cell_key((i, 0)).row_key.value == "from-http"
+                for i in range(app.query_one(AgentList).row_count)
+            ),
+        )
         await pilot.press("ctrl+q")
 
 

@@ -14,8 +14,9 @@ from tests.test_tui import app_for, ready, until
 
 async def _agents(app) -> None:
     engine = app.engine
-    await asyncio.to_thread(engine.create_agent, "researcher", display_name="Researcher",
-                            system_prompt="You find sources.")
+    await asyncio.to_thread(
+        engine.create_agent, "researcher", display_name="Researcher", system_prompt="You find sources."
+    )
     await asyncio.to_thread(engine.create_agent, "writer", display_name="Writer")
 
 
@@ -39,11 +40,14 @@ def test_pool_inspector(snap_compare, tmp_path, tiny_loaded):
     async def run_before(pilot) -> None:
         await ready(pilot, app)
         engine = app.engine
-        for agent_id, text in (("alpha", "The quick brown fox jumps over the lazy dog. " * 8),
-                               ("beta", "Agents keep their context in a KV cache. " * 4)):
+        for agent_id, text in (
+            ("alpha", "The quick brown fox jumps over the lazy dog. " * 8),
+            ("beta", "Agents keep their context in a KV cache. " * 4),
+        ):
             tokens = engine.render([{"role": "user", "content": text}]).tokens
-            await asyncio.to_thread(engine.complete, GenerationRequest(
-                tokens=tokens, max_tokens=8, temperature=0.0, agent_id=agent_id))
+            await asyncio.to_thread(
+                engine.complete, GenerationRequest(tokens=tokens, max_tokens=8, temperature=0.0, agent_id=agent_id)
+            )
         await asyncio.to_thread(engine.fork_agent, "alpha", "alpha-copy")
         await pilot.press("f3")
         await pilot.pause(1.0)

@@ -43,12 +43,21 @@ def build_tokenizer(out: Path, vocab_size: int = 384) -> None:
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "add_bos_token": False, "clean_up_tokenization_spaces": False,
-        "model_max_length": 8192, "chat_template": CHATML,
-    }))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<|im_start|>",
+                "eos_token": "<|im_end|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "add_bos_token": False,
+                "clean_up_tokenization_spaces": False,
+                "model_max_length": 8192,
+                "chat_template": CHATML,
+            }
+        )
+    )
 
 
 ARCHITECTURES = ("llama", "qwen2", "gemma3")
@@ -57,31 +66,58 @@ ARCHITECTURES = ("llama", "qwen2", "gemma3")
 def _config(arch: str, vocab_size: int, layers: int, hidden: int, context: int) -> dict:
     heads, kv_heads, head_dim, inter = 4, 2, hidden // 4, hidden * 2
     common = {
-        "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": inter,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab_size,
-        "max_position_embeddings": context, "eos_token_id": 2,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": inter,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": context,
+        "eos_token_id": 2,
     }
     if arch == "llama":
-        return {**common, "model_type": "llama", "head_dim": head_dim, "rms_norm_eps": 1e-5,
-                "rope_theta": 10000.0, "tie_word_embeddings": True}
+        return {
+            **common,
+            "model_type": "llama",
+            "head_dim": head_dim,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": True,
+        }
     if arch == "qwen2":
         # q/k/v projections with biases, an untied output layer, a large RoPE base: as Qwen2.5.
-        return {**common, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "rms_norm_eps": 1e-6,
-                "rope_theta": 1_000_000.0, "tie_word_embeddings": False}
+        return {
+            **common,
+            "model_type": "qwen2",
+            "architectures": ["Qwen2ForCausalLM"],
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1_000_000.0,
+            "tie_word_embeddings": False,
+        }
     if arch == "gemma3":
         # Sliding-window layers (RotatingKVCache) alternating with global ones; a window small enough
         # that test prompts wrap it.
-        return {**common, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "head_dim": head_dim,
-                "rms_norm_eps": 1e-6, "query_pre_attn_scalar": head_dim, "sliding_window": SLIDING_WINDOW,
-                "sliding_window_pattern": 2, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0}
+        return {
+            **common,
+            "model_type": "gemma3_text",
+            "architectures": ["Gemma3ForCausalLM"],
+            "head_dim": head_dim,
+            "rms_norm_eps": 1e-6,
+            "query_pre_attn_scalar": head_dim,
+            "sliding_window": SLIDING_WINDOW,
+            "sliding_window_pattern": 2,
+            "rope_theta": 1_000_000.0,
+            "rope_local_base_freq": 10_000.0,
+        }
     raise ValueError(f"unknown architecture {arch!r}")
 
 
 SLIDING_WINDOW = 32
 
 
-def build_tiny_model(out: Path, *, seed: int = 0, layers: int = 4, hidden: int = 64, context: int = 8192,
-                     arch: str = "llama") -> Path:
+def build_tiny_model(
+    out: Path, *, seed: int = 0, layers: int = 4, hidden: int = 64, context: int = 8192, arch: str = "llama"
+) -> Path:
     """A random-weight model of `arch` (llama, qwen2, gemma3) as an mlx-lm directory.
 
     The parameters come from mlx-lm's own model class (so every architecture gets exactly the names
@@ -134,26 +170,40 @@ def _build_llama(out: Path, *, seed: int, layers: int, hidden: int, context: int
     def w(*shape: int, scale: float) -> mx.array:
         return mx.array(rng.normal(0.0, scale, size=shape).astype(np.float32))
 
-    weights = {"model.embed_tokens.weight": w(vocab_size, hidden, scale=1.0),
-               "model.norm.weight": mx.ones((hidden,))}
+    weights = {"model.embed_tokens.weight": w(vocab_size, hidden, scale=1.0), "model.norm.weight": mx.ones((hidden,))}
     for i in range(layers):
         p = f"model.layers.{i}"
-        weights.update({
-            f"{p}.self_attn.q_proj.weight": w(heads * head_dim, hidden, scale=0.2),
-            f"{p}.self_attn.k_proj.weight": w(kv_heads * head_dim, hidden, scale=0.2),
-            f"{p}.self_attn.v_proj.weight": w(kv_heads * head_dim, hidden, scale=0.2),
-            f"{p}.self_attn.o_proj.weight": w(hidden, heads * head_dim, scale=0.2),
-            f"{p}.mlp.gate_proj.weight": w(inter, hidden, scale=0.2),
-            f"{p}.mlp.up_proj.weight": w(inter, hidden, scale=0.2),
-            f"{p}.mlp.down_proj.weight": w(hidden, inter, scale=0.2),
-            f"{p}.input_layernorm.weight": mx.ones((hidden,)),
-            f"{p}.post_attention_layernorm.weight": mx.ones((hidden,)),
-        })
+        weights.update(
+            {
+                f"{p}.self_attn.q_proj.weight": w(heads * head_dim, hidden, scale=0.2),
+                f"{p}.self_attn.k_proj.weight": w(kv_heads * head_dim, hidden, scale=0.2),
+                f"{p}.self_attn.v_proj.weight": w(kv_heads * head_dim, hidden, scale=0.2),
+                f"{p}.self_attn.o_proj.weight": w(hidden, heads * head_dim, scale=0.2),
+                f"{p}.mlp.gate_proj.weight": w(inter, hidden, scale=0.2),
+                f"{p}.mlp.up_proj.weight": w(inter, hidden, scale=0.2),
+                f"{p}.mlp.down_proj.weight": w(hidden, inter, scale=0.2),
+                f"{p}.input_layernorm.weight": mx.ones((hidden,)),
+                f"{p}.post_attention_layernorm.weight": mx.ones((hidden,)),
+            }
+        )
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (out / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
-        "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "head_dim": head_dim, "rms_norm_eps": 1e-5, "vocab_size": vocab_size, "rope_theta": 10000.0,
-        "max_position_embeddings": context, "tie_word_embeddings": True, "eos_token_id": 2,
-    }))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": hidden,
+                "num_hidden_layers": layers,
+                "intermediate_size": inter,
+                "num_attention_heads": heads,
+                "num_key_value_heads": kv_heads,
+                "head_dim": head_dim,
+                "rms_norm_eps": 1e-5,
+                "vocab_size": vocab_size,
+                "rope_theta": 10000.0,
+                "max_position_embeddings": context,
+                "tie_word_embeddings": True,
+                "eos_token_id": 2,
+            }
+        )
+    )
     return out

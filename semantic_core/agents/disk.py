@@ -62,7 +62,6 @@ JOURNAL_SUFFIX = ".turn.json"
 JOURNAL_FORMAT = 1
 
 
-
 class CorruptAgentFile(Exception):
     """A file that fails verification. The store quarantines it."""
 
@@ -79,16 +78,30 @@ class Expectations:
         if self.vocab_size and tokens and (min(tokens) < 0 or max(tokens) >= self.vocab_size):
             raise CorruptAgentFile(f"token ids outside the model's vocabulary (0..{self.vocab_size - 1})")
         try:
-            kv.validate([layer["kind"] for layer in header.layers], [layer["meta"] for layer in header.layers],
-                        header.layer_shapes(), self.spec, len(tokens))
+            kv.validate(
+                [layer["kind"] for layer in header.layers],
+                [layer["meta"] for layer in header.layers],
+                header.layer_shapes(),
+                self.spec,
+                len(tokens),
+            )
         except kv.CacheMismatch as exc:
             raise CorruptAgentFile(f"the cache does not fit the loaded model: {exc}") from exc
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise CorruptAgentFile(f"malformed layer metadata: {exc!r}") from exc
 
 
-_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
-                       "I32": "int32", "I64": "int64", "U8": "uint8", "I8": "int8", "U32": "uint32"}
+_SAFETENSORS_DTYPES = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "I32": "int32",
+    "I64": "int64",
+    "U8": "uint8",
+    "I8": "int8",
+    "U32": "uint32",
+}
 
 
 @dataclass
@@ -221,17 +234,24 @@ def write_agent_file(
 
 def write_journal(path: Path, record: AgentRecord, *, fingerprint: str, model_id: str) -> int:
     """Write the record of a finished turn atomically and durably (fsync of file and folder)."""
-    body = json.dumps({
-        "format": JOURNAL_FORMAT, "fingerprint": fingerprint, "model_id": model_id,
-        "saved_at": time.time(), "record": record.to_json(),
-    }, ensure_ascii=False, separators=(",", ":")).encode()
+    body = json.dumps(
+        {
+            "format": JOURNAL_FORMAT,
+            "fingerprint": fingerprint,
+            "model_id": model_id,
+            "saved_at": time.time(),
+            "record": record.to_json(),
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    ).encode()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(body)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -298,8 +318,10 @@ def read_header(path: Path) -> AgentHeader:
             shapes = {}
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 sl = f.get_slice(name)
-                shapes[name] = (tuple(int(d) for d in sl.get_shape()),
-                                _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+                shapes[name] = (
+                    tuple(int(d) for d in sl.get_shape()),
+                    _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()),
+                )
         size = path.stat().st_size
     except Exception as exc:
         raise CorruptAgentFile(f"unreadable safetensors header: {exc}") from exc
@@ -315,8 +337,9 @@ def read_header(path: Path) -> AgentHeader:
             layers = [{"kind": kv.PLAIN, "meta": {"offset": len(tokens)}} for _ in range(n_layers)]
         else:
             layers = json.loads(meta["semantic.layers"])
-            if not isinstance(layers, list) or not all(isinstance(x, dict) and "kind" in x and "meta" in x
-                                                       for x in layers):
+            if not isinstance(layers, list) or not all(
+                isinstance(x, dict) and "kind" in x and "meta" in x for x in layers
+            ):
                 raise ValueError("semantic.layers is not a list of layers")
         header = AgentHeader(
             path=path,

@@ -65,9 +65,7 @@ class PrefixIndex:
                 if not owners:
                     del self._by_hash[h]
 
-    def candidates(
-        self, tokens: Sequence[int], eligible: Iterable[str] | None = None
-    ) -> tuple[int, builtins.set[str]]:
+    def candidates(self, tokens: Sequence[int], eligible: Iterable[str] | None = None) -> tuple[int, builtins.set[str]]:
         """(blocks matched, agents sharing that many blocks) for the deepest match."""
         allowed = set(eligible) if eligible is not None else None
         best_depth, best = 0, set()

@@ -13,18 +13,57 @@ from semantic_core.errors import InvalidAgentId
 # Ids name files, so they are restricted to a safe alphabet: no separators, no leading dot, bounded.
 AGENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
-_ADJECTIVES = ("amber", "brisk", "calm", "deft", "eager", "fuzzy", "gentle", "hazel", "ivory", "jolly",
-               "keen", "lucid", "mellow", "nimble", "olive", "plucky", "quiet", "rusty", "sunny", "tidy")
-_NOUNS = ("otter", "falcon", "badger", "heron", "lynx", "marten", "newt", "osprey", "puffin", "quail",
-          "raven", "stoat", "tern", "vole", "wren", "yak", "zebu", "ibis", "gecko", "koala")
+_ADJECTIVES = (
+    "amber",
+    "brisk",
+    "calm",
+    "deft",
+    "eager",
+    "fuzzy",
+    "gentle",
+    "hazel",
+    "ivory",
+    "jolly",
+    "keen",
+    "lucid",
+    "mellow",
+    "nimble",
+    "olive",
+    "plucky",
+    "quiet",
+    "rusty",
+    "sunny",
+    "tidy",
+)
+_NOUNS = (
+    "otter",
+    "falcon",
+    "badger",
+    "heron",
+    "lynx",
+    "marten",
+    "newt",
+    "osprey",
+    "puffin",
+    "quail",
+    "raven",
+    "stoat",
+    "tern",
+    "vole",
+    "wren",
+    "yak",
+    "zebu",
+    "ibis",
+    "gecko",
+    "koala",
+)
 
 
 def validate_agent_id(agent_id: str) -> str:
     # fullmatch: `$` would also accept a trailing newline.
     if not isinstance(agent_id, str) or not AGENT_ID_RE.fullmatch(agent_id) or ".." in agent_id:
         raise InvalidAgentId(
-            f"invalid agent id {agent_id!r}: use 1-64 letters, digits, '_', '-' or '.', "
-            "starting with a letter or digit"
+            f"invalid agent id {agent_id!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
         )
     return agent_id
 

@@ -222,8 +222,10 @@ class AgentStore:
         for agent_id in ids:
             agent = self._agents[agent_id]
             n = common_prefix(agent.tokens, tokens)
-            better = best is None or n > best.length or (
-                n == best.length and agent.last_access > self._agents[best.agent_id].last_access
+            better = (
+                best is None
+                or n > best.length
+                or (n == best.length and agent.last_access > self._agents[best.agent_id].last_access)
             )
             if n >= depth * self.index.block_tokens and better:
                 best = PrefixMatch(agent_id, n)
@@ -249,16 +251,23 @@ class AgentStore:
         other = self._folded.get(agent_id.lower())
         if other is not None:
             # Case-insensitive file systems (macOS) would store both in one file.
-            raise AgentExists(agent_id, f"agent {other!r} already exists, and ids that differ only in case "
-                                        "name the same file on some file systems")
+            raise AgentExists(
+                agent_id,
+                f"agent {other!r} already exists, and ids that differ only in case "
+                "name the same file on some file systems",
+            )
         if self.max_agents and len(self._agents) >= self.max_agents:
             raise StoreFull(
                 f"the agent store is full: {len(self._agents)} agents (SEMANTIC_AGENT_MAX_AGENTS); "
                 "delete agents to make room"
             )
         record = AgentRecord(
-            id=agent_id, display_name=display_name, system_prompt=system_prompt,
-            sampling=sampling or Sampling(), forked_from=forked_from, implicit=implicit,
+            id=agent_id,
+            display_name=display_name,
+            system_prompt=system_prompt,
+            sampling=sampling or Sampling(),
+            forked_from=forked_from,
+            implicit=implicit,
         )
         agent = Agent(record=record)
         self._register(agent)
@@ -267,8 +276,11 @@ class AgentStore:
     def recyclable(self, protect: set[str]) -> Agent | None:
         """The least recently used unpinned agent created without a name (a stateless client's
         conversation), to make room for a new one when the store is full."""
-        idle = [a for a in self._agents.values()
-                if a.record.implicit and not a.record.pinned and a.id not in protect and a.id not in self._pending]
+        idle = [
+            a
+            for a in self._agents.values()
+            if a.record.implicit and not a.record.pinned and a.id not in protect and a.id not in self._pending
+        ]
         return min(idle, key=lambda a: a.last_access) if idle else None
 
     def rename(self, agent_id: str, display_name: str | None) -> Agent:
@@ -386,8 +398,10 @@ class AgentStore:
             states: list[kv.LayerState] = []
         else:
             if kv.tokens_held(cache) != len(agent.tokens):
-                raise StorageError(f"agent {agent.id!r}: its cache holds {kv.tokens_held(cache)} tokens, "
-                                   f"its record {len(agent.tokens)}")
+                raise StorageError(
+                    f"agent {agent.id!r}: its cache holds {kv.tokens_held(cache)} tokens, "
+                    f"its record {len(agent.tokens)}"
+                )
             states = kv.to_states(cache)
         record = copy.deepcopy(agent.record)
         tokens = list(agent.tokens)
@@ -517,8 +531,12 @@ class AgentStore:
             target = disk.quarantine(path, self.quarantine_dir, reason)
         self.quarantined_total += 1
         self.metrics.quarantined.inc()
-        log.error("agent file failed verification and was quarantined", agent=agent_id, reason=reason,
-                  moved_to=str(target) if target else None)
+        log.error(
+            "agent file failed verification and was quarantined",
+            agent=agent_id,
+            reason=reason,
+            moved_to=str(target) if target else None,
+        )
         agent = self._agents.get(agent_id)
         if agent is None:
             try:

@@ -92,8 +92,12 @@ async def list_agents(
     else:
         page, has_more = agents[:limit], len(agents) > limit
     data = [agent_json(a, preview=True) for a in page]
-    return {"data": data, "has_more": has_more, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None}
+    return {
+        "data": data,
+        "has_more": has_more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
 
 
 @router.post("", status_code=201)
@@ -103,7 +107,8 @@ async def create_agent(body: AgentCreate, request: Request) -> JSONResponse:
         validate_agent_id(body.id)
     check_system_prompt(engine, body.system_prompt)
     info = await asyncio.to_thread(
-        engine.create_agent, body.id, display_name=body.display_name, system_prompt=body.system_prompt)
+        engine.create_agent, body.id, display_name=body.display_name, system_prompt=body.system_prompt
+    )
     return JSONResponse(agent_json(info), status_code=201, headers={"x-agent-id": info.id})
 
 
@@ -166,6 +171,7 @@ async def fork_agent(agent_id: str, request: Request, body: AgentFork | None = N
     body = body or AgentFork()
     if body.id is not None:
         validate_agent_id(body.id)
-    info = await asyncio.to_thread(engine.fork_agent, validate_agent_id(agent_id), body.id,
-                                   display_name=body.display_name)
+    info = await asyncio.to_thread(
+        engine.fork_agent, validate_agent_id(agent_id), body.id, display_name=body.display_name
+    )
     return JSONResponse(agent_json(info), status_code=201, headers={"x-agent-id": info.id})

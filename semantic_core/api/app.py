@@ -37,8 +37,9 @@ from semantic_core.turns import TurnService
 log = get_logger("semantic.api")
 
 
-def create_app(engine: Engine, settings: Settings, *, owns_engine: bool = False,
-               turns: TurnService | None = None) -> FastAPI:
+def create_app(
+    engine: Engine, settings: Settings, *, owns_engine: bool = False, turns: TurnService | None = None
+) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         starting = None
@@ -70,14 +71,22 @@ def create_app(engine: Engine, settings: Settings, *, owns_engine: bool = False,
 
     # Added innermost first: the request passes RequestID first and the body limit last.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=int(settings.server_max_body_mb * 1024 * 1024))
-    app.add_middleware(RateLimitMiddleware, per_client=settings.server_rate_limit_per_client,
-                       global_=settings.server_rate_limit_global, metrics=engine.metrics)
+    app.add_middleware(
+        RateLimitMiddleware,
+        per_client=settings.server_rate_limit_per_client,
+        global_=settings.server_rate_limit_global,
+        metrics=engine.metrics,
+    )
     app.add_middleware(AuthMiddleware, keys=settings.api_keys)
-    app.add_middleware(CrossSiteGuardMiddleware, allowed_hosts=settings.allowed_hosts,
-                       cors_origins=settings.server_cors_origins)
+    app.add_middleware(
+        CrossSiteGuardMiddleware, allowed_hosts=settings.allowed_hosts, cors_origins=settings.server_cors_origins
+    )
     if settings.server_cors_origins:
         app.add_middleware(
-            CORSMiddleware, allow_origins=settings.server_cors_origins, allow_methods=["*"], allow_headers=["*"],
+            CORSMiddleware,
+            allow_origins=settings.server_cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
             expose_headers=["request-id", "x-agent-id", "x-response-time", "retry-after"],
         )
     app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts)

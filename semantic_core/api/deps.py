@@ -13,8 +13,9 @@ def ready_engine(request: Request) -> Engine:
     """The app's engine, or 529 while the model loads (or after it stopped)."""
     engine: Engine = request.app.state.engine
     if not engine.ready:
-        raise EngineStopped("the model is still loading; retry shortly" if not engine.started
-                            else "the engine is not running")
+        raise EngineStopped(
+            "the model is still loading; retry shortly" if not engine.started else "the engine is not running"
+        )
     return engine
 
 

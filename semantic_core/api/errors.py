@@ -90,12 +90,17 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404:
             return error_response(404, "not_found_error", f"no such endpoint: {request.method} {request.url.path}")
         if exc.status_code == 405:
-            return error_response(405, "invalid_request_error",
-                                  f"method {request.method} is not allowed on {request.url.path}")
+            return error_response(
+                405, "invalid_request_error", f"method {request.method} is not allowed on {request.url.path}"
+            )
         if exc.status_code == 400:
             return error_response(400, "invalid_request_error", str(exc.detail))
-        kind = {401: "authentication_error", 403: "permission_error", 413: "request_too_large",
-                429: "rate_limit_error"}.get(exc.status_code, "api_error")
+        kind = {
+            401: "authentication_error",
+            403: "permission_error",
+            413: "request_too_large",
+            429: "rate_limit_error",
+        }.get(exc.status_code, "api_error")
         return error_response(exc.status_code, kind, str(exc.detail))
 
     # Unexpected exceptions are answered (and logged, once) by UnhandledErrorMiddleware: a handler

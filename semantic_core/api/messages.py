@@ -58,8 +58,12 @@ def check_model(engine: Engine, name: str) -> None:
 def _usage(prompt: int, cached: int, output: int) -> dict[str, int]:
     # Every computed prompt token is cached for the next turn; `input_tokens` counts what was
     # computed, `cache_read_input_tokens` what was reused: together, the whole prompt.
-    return Usage(input_tokens=prompt - cached, output_tokens=output, cache_read_input_tokens=cached,
-                 cache_creation_input_tokens=0).model_dump()
+    return Usage(
+        input_tokens=prompt - cached,
+        output_tokens=output,
+        cache_read_input_tokens=cached,
+        cache_creation_input_tokens=0,
+    ).model_dump()
 
 
 @router.post("/v1/messages")
@@ -73,9 +77,15 @@ async def create_message(
     check_model(engine, body.model)
     chat, system = to_chat(body.messages, body.system)
     turn = Turn(
-        messages=chat, system=system, agent_id=x_agent_id or None, max_tokens=body.max_tokens,
-        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-        stop_sequences=list(body.stop_sequences or []), request_id=request_id(request),
+        messages=chat,
+        system=system,
+        agent_id=x_agent_id or None,
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        stop_sequences=list(body.stop_sequences or []),
+        request_id=request_id(request),
     )
     started = await service.start(turn)
     handle = started.handle
@@ -104,7 +114,11 @@ async def create_message(
 
 
 async def _complete(
-    request: Request, handle: RequestHandle, events: AsyncIterator[Any], message_id: str, model: str,
+    request: Request,
+    handle: RequestHandle,
+    events: AsyncIterator[Any],
+    message_id: str,
+    model: str,
     headers: dict[str, str],
 ) -> JSONResponse:
     result: GenerationResult | None = None
@@ -156,22 +170,34 @@ async def _stream(
     handle: RequestHandle, events: AsyncIterator[Any], started: Started, message_id: str, model: str
 ) -> AsyncIterator[dict[str, str]]:
     try:
-        yield _event("message_start", {
-            "type": "message_start",
-            "message": {
-                "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
-                "stop_reason": None, "stop_sequence": None,
-                "usage": _usage(started.prompt_tokens, started.cached_tokens, 0),
+        yield _event(
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": message_id,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": model,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": _usage(started.prompt_tokens, started.cached_tokens, 0),
+                },
             },
-        })
-        yield _event("content_block_start", {
-            "type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+        )
+        yield _event(
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        )
         yield _event("ping", {"type": "ping"})
         last_ping = time.monotonic()
         async for event in events:
             if isinstance(event, TextDelta):
-                yield _event("content_block_delta", {
-                    "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": event.text}})
+                yield _event(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": event.text}},
+                )
             elif isinstance(event, PrefillProgress):
                 if time.monotonic() - last_ping >= _PING_EVERY:
                     last_ping = time.monotonic()
@@ -205,7 +231,9 @@ async def _stream(
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(
-    body: CountTokensRequest, engine: Engine = Depends(ready_engine), service: TurnService = Depends(turns),
+    body: CountTokensRequest,
+    engine: Engine = Depends(ready_engine),
+    service: TurnService = Depends(turns),
 ) -> dict[str, int]:
     check_model(engine, body.model)
     chat, system = to_chat(body.messages, body.system)

@@ -95,8 +95,13 @@ class UnhandledErrorMiddleware:
             await self.app(scope, receive, watch)
         except Exception as exc:
             request_id = scope.get("state", {}).get("request_id", "-")
-            log.error("unhandled error", method=scope["method"], path=scope["path"],
-                      error_type=type(exc).__name__, exc_info=exc)
+            log.error(
+                "unhandled error",
+                method=scope["method"],
+                path=scope["path"],
+                error_type=type(exc).__name__,
+                exc_info=exc,
+            )
             if not started:
                 response = error_response(500, "api_error", f"internal error (request id {request_id})")
                 await response(scope, receive, send)
@@ -122,7 +127,8 @@ class HostCheckMiddleware:
             await self.app(scope, receive, send)
             return
         response = error_response(
-            403, "permission_error",
+            403,
+            "permission_error",
             f"this server does not answer for the host {host[:100]!r}; add it to SEMANTIC_SERVER_ALLOWED_HOSTS",
         )
         await response(scope, receive, send)
@@ -132,7 +138,7 @@ def host_name(value: str) -> str:
     """The host of a Host header or an origin's authority, lower-cased, without port or brackets."""
     value = value.strip().lower()
     if value.startswith("["):  # [::1]:8000
-        return value[1:value.find("]")] if "]" in value else value
+        return value[1 : value.find("]")] if "]" in value else value
     if value.count(":") == 1:
         return value.split(":", 1)[0]
     return value
@@ -165,7 +171,8 @@ class CrossSiteGuardMiddleware:
         origin = headers.get("origin")
         if origin is not None and not self._origin_allowed(origin):
             response = error_response(
-                403, "permission_error",
+                403,
+                "permission_error",
                 "cross-site requests may not change anything here (the Origin is not this server's); "
                 "allow a web app's origin with SEMANTIC_SERVER_CORS_ORIGINS",
             )
@@ -173,7 +180,8 @@ class CrossSiteGuardMiddleware:
             return
         if method in ("POST", "PUT", "PATCH") and not self._non_simple(headers):
             response = error_response(
-                415, "invalid_request_error",
+                415,
+                "invalid_request_error",
                 f"{method} requests must send Content-Type: application/json (or an X-API-Key or "
                 "anthropic-version header)",
             )
@@ -225,7 +233,9 @@ class AccessLogMiddleware:
             await self.app(scope, receive, capture)
         finally:
             fields: dict[str, Any] = {
-                "method": scope["method"], "path": scope["path"], "status": status,
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
                 "duration_ms": round((time.perf_counter() - start) * 1000, 2),
                 "client": (scope.get("client") or ("?",))[0],
             }
@@ -286,9 +296,7 @@ class AuthMiddleware:
             if auth[:7].lower() == "bearer ":
                 given = auth[7:].strip()
         if not given:
-            response = error_response(
-                401, "authentication_error", "missing API key: send it in the x-api-key header"
-            )
+            response = error_response(401, "authentication_error", "missing API key: send it in the x-api-key header")
         elif not self._valid(given.encode()):
             response = error_response(401, "authentication_error", "invalid API key")
         else:
@@ -374,7 +382,8 @@ class RateLimitMiddleware:
             retry = max(1, math.ceil(wait))
             what = {"global": "the server's", "key": "this API key's", "client": "this client's"}[scope_name]
             response = error_response(
-                429, "rate_limit_error",
+                429,
+                "rate_limit_error",
                 f"rate limit exceeded ({what} requests per minute); retry after {retry} s",
                 headers={"retry-after": str(retry)},
             )

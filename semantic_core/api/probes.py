@@ -22,8 +22,9 @@ async def live(request: Request) -> JSONResponse:
     """503 once the engine loop has died: the process can no longer serve and must be restarted."""
     engine: Engine = request.app.state.engine
     if engine.crash is not None:
-        return JSONResponse({"status": "dead", "reason": "the engine loop stopped after an internal error"},
-                            status_code=503)
+        return JSONResponse(
+            {"status": "dead", "reason": "the engine loop stopped after an internal error"}, status_code=503
+        )
     return JSONResponse({"status": "ok"})
 
 
@@ -41,13 +42,16 @@ async def startup(request: Request) -> JSONResponse:
 async def ready(request: Request) -> JSONResponse:
     engine: Engine = request.app.state.engine
     if engine.crash is not None:
-        return JSONResponse({"status": "not ready", "reason": "the engine loop stopped after an internal error"},
-                            status_code=503)
+        return JSONResponse(
+            {"status": "not ready", "reason": "the engine loop stopped after an internal error"}, status_code=503
+        )
     if not engine.ready:
         return JSONResponse({"status": "not ready", "reason": "the model is not loaded"}, status_code=503)
     snap = engine.snapshot()
     body: dict[str, Any] = {
-        "status": "ready", "pool_utilization": round(snap.utilization, 4), "queue_depth": snap.waiting,
+        "status": "ready",
+        "pool_utilization": round(snap.utilization, 4),
+        "queue_depth": snap.waiting,
         "running": snap.running,
     }
     if not snap.can_serve:
@@ -67,8 +71,11 @@ def _model_out(engine: Engine) -> ModelInfoOut:
     if info is None:
         raise EngineStopped("the model is still loading; retry shortly")
     created = datetime.fromtimestamp(info.path.stat().st_mtime, UTC) if info.path.exists() else datetime.now(UTC)
-    return ModelInfoOut(id=info.model_id, display_name=f"{info.model_id} ({info.weights}, {info.device})",
-                        created_at=created.isoformat().replace("+00:00", "Z"))
+    return ModelInfoOut(
+        id=info.model_id,
+        display_name=f"{info.model_id} ({info.weights}, {info.device})",
+        created_at=created.isoformat().replace("+00:00", "Z"),
+    )
 
 
 @router.get("/v1/models")

@@ -24,8 +24,10 @@ def find_invalid_text(value: Any, path: str = "") -> str | None:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
             bad = value[exc.start]
-            return (f"{path or 'body'}: the text is not valid Unicode: a lone surrogate "
-                    f"(U+{ord(bad):04X}) at character {exc.start}")
+            return (
+                f"{path or 'body'}: the text is not valid Unicode: a lone surrogate "
+                f"(U+{ord(bad):04X}) at character {exc.start}"
+            )
         return None
     if isinstance(value, dict):
         for key, item in value.items():

@@ -70,7 +70,6 @@ T = TypeVar("T")
 _RUNNING: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
-
 @atexit.register
 def _stop_engines_at_exit() -> None:
     """An engine still running at exit is stopped (and its hot agents saved) before the interpreter
@@ -157,8 +156,9 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return (self._started.is_set() and self._start_error is None and not self._stopping
-                and not self._stopped.is_set())
+        return (
+            self._started.is_set() and self._start_error is None and not self._stopping and not self._stopped.is_set()
+        )
 
     @property
     def started(self) -> bool:
@@ -192,8 +192,7 @@ class Engine:
         """Queue a request. Pass `loop` (or use `submit_async`) to consume events with `async for`."""
         self._check_accepting()
         assert self.info is not None
-        validate_request(request, self.info, queue_depth=self.queue_depth(),
-                         max_queue=self.settings.server_max_queue)
+        validate_request(request, self.info, queue_depth=self.queue_depth(), max_queue=self.settings.server_max_queue)
         handle = RequestHandle(request, loop, lambda h: self._post(Cancel(h)))
         self._post(Submit(handle))
         return handle
@@ -300,8 +299,14 @@ class Engine:
     def _publish(self, force: bool = False) -> None:
         if self.publisher is not None:
             busy = bool(self.scheduler.running())
-            self.publisher.publish(self.scheduler, self._listeners, force=force, busy=busy,
-                                   stopping=self._stopping, requests_total=self.requests_total)
+            self.publisher.publish(
+                self.scheduler,
+                self._listeners,
+                force=force,
+                busy=busy,
+                stopping=self._stopping,
+                requests_total=self.requests_total,
+            )
 
     # The generation thread -----------------------------------------------------------------------
 
@@ -318,8 +323,7 @@ class Engine:
             self._loop()
         except BaseException as exc:  # a bug the per-request guards did not contain: fail loudly
             self.crash = exc
-            log.critical("the engine loop crashed; no request can be served until the process restarts",
-                         exc_info=exc)
+            log.critical("the engine loop crashed; no request can be served until the process restarts", exc_info=exc)
             with contextlib.suppress(BaseException):
                 if self.life is not None:
                     self.life.fail_everything(exc)
@@ -346,38 +350,79 @@ class Engine:
         s = self.settings
         self.pool = BlockPool.from_budget(s.mlx_cache_budget_mb, s.mlx_block_tokens, info.bytes_per_token)
         self.store = AgentStore(
-            s.agents_dir, s.quarantine_dir, fingerprint=info.fingerprint, model_id=info.model_id,
-            block_tokens=s.mlx_block_tokens, metrics=self.metrics, max_agents=s.agent_max_agents,
+            s.agents_dir,
+            s.quarantine_dir,
+            fingerprint=info.fingerprint,
+            model_id=info.model_id,
+            block_tokens=s.mlx_block_tokens,
+            metrics=self.metrics,
+            max_agents=s.agent_max_agents,
             expect=Expectations(info.cache_spec, info.vocab_size),
         )
         self.store.scan()
         self.residency = Residency(self.pool, self.store, s.agent_max_agents_in_memory, self.metrics)
         self.admission = Admission(
-            self.store, self.residency, self._new_cache, budget_mb=s.mlx_cache_budget_mb,
-            anything_running=lambda: bool(self.scheduler.running()), wake=self._wake.set,
+            self.store,
+            self.residency,
+            self._new_cache,
+            budget_mb=s.mlx_cache_budget_mb,
+            anything_running=lambda: bool(self.scheduler.running()),
+            wake=self._wake.set,
         )
         # One core stays free for MLX's own thread, the event loop and the UI: a BLAS that spreads
         # over every core of a busy machine waits on its slowest thread (measured here: a 2,045-token
         # prefill took 47 s with 2 threads and 20 s with 1 while another process held one core).
         prefill_threads = s.mlx_blas_prefill_threads or max(1, (os.cpu_count() or 1) - 1)
-        self.runner = Runner(self.model, set(self.tokenizer.eos_token_ids),
-                             decode_threads=s.mlx_blas_decode_threads, prefill_threads=prefill_threads)
-        self.agents = AgentOperations(
-            call=self.call, store=self.store, residency=self.residency, admission=self.admission,
-            new_cache=self._new_cache, bytes_per_token=info.bytes_per_token, running_tokens=self._running_tokens,
+        self.runner = Runner(
+            self.model,
+            set(self.tokenizer.eos_token_ids),
+            decode_threads=s.mlx_blas_decode_threads,
+            prefill_threads=prefill_threads,
         )
-        self.publisher = Publisher(self.pool, self.store, self.residency, self.admission, self.metrics,
-                                   info.bytes_per_token, self._running_tokens)
+        self.agents = AgentOperations(
+            call=self.call,
+            store=self.store,
+            residency=self.residency,
+            admission=self.admission,
+            new_cache=self._new_cache,
+            bytes_per_token=info.bytes_per_token,
+            running_tokens=self._running_tokens,
+        )
+        self.publisher = Publisher(
+            self.pool,
+            self.store,
+            self.residency,
+            self.admission,
+            self.metrics,
+            info.bytes_per_token,
+            self._running_tokens,
+        )
         self.life = Lifecycle(
-            scheduler=self.scheduler, admission=self.admission, residency=self.residency, store=self.store,
-            runner=self.runner, ops=self.agents, publisher=self.publisher, metrics=self.metrics,
-            detok_factory=make_detokenizer_factory(self.tokenizer), context_length=info.context_length,
-            save_on_finish=s.agent_save_on_finish, wake=self._wake.set,
+            scheduler=self.scheduler,
+            admission=self.admission,
+            residency=self.residency,
+            store=self.store,
+            runner=self.runner,
+            ops=self.agents,
+            publisher=self.publisher,
+            metrics=self.metrics,
+            detok_factory=make_detokenizer_factory(self.tokenizer),
+            context_length=info.context_length,
+            save_on_finish=s.agent_save_on_finish,
+            wake=self._wake.set,
         )
         log.info(
-            "engine ready", model=info.model_id, device=info.device, weights=info.weights, blas=info.blas,
-            kernels=info.kernels, cache=info.cache_spec.describe(), pool_blocks=self.pool.capacity,
-            block_tokens=self.pool.block_tokens, kv_bytes_per_token=info.bytes_per_token, agents=len(self.store),
+            "engine ready",
+            model=info.model_id,
+            device=info.device,
+            weights=info.weights,
+            blas=info.blas,
+            kernels=info.kernels,
+            cache=info.cache_spec.describe(),
+            pool_blocks=self.pool.capacity,
+            block_tokens=self.pool.block_tokens,
+            kv_bytes_per_token=info.bytes_per_token,
+            agents=len(self.store),
         )
         self._publish(force=True)
 
@@ -527,7 +572,6 @@ class Engine:
         self.store.poll_io()
         self.store.close()
         self._publish(force=True)
-
 
 
 def _thread_main(holder: list[Engine]) -> None:

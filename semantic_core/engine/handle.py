@@ -21,8 +21,12 @@ class RequestHandle:
 
     _ids = itertools.count(1)
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None,
-                 cancel_fn: Callable[[RequestHandle], None]) -> None:
+    def __init__(
+        self,
+        request: GenerationRequest,
+        loop: asyncio.AbstractEventLoop | None,
+        cancel_fn: Callable[[RequestHandle], None],
+    ) -> None:
         self.id = next(self._ids)
         self.request = request
         self._cancel_fn = cancel_fn

@@ -106,8 +106,11 @@ class Lifecycle:
             except PoolExhausted:
                 victim = self.scheduler.preemption_victim(exclude=seq)
                 if victim is None:
-                    log.warning("KV budget full: stopping the only running sequence early",
-                                agent=agent.id, tokens=seq.cache_tokens)
+                    log.warning(
+                        "KV budget full: stopping the only running sequence early",
+                        agent=agent.id,
+                        tokens=seq.cache_tokens,
+                    )
                     self.finish_from_batch(seq, "max_tokens", None)
                     return
                 self.preempt(victim)
@@ -186,12 +189,20 @@ class Lifecycle:
         t = seq.timing
         assert seq.agent_id is not None
         return GenerationResult(
-            agent_id=seq.agent_id, text=seq.output.text if seq.output else "", token_ids=list(seq.generated),
-            stop_reason=reason, stop_sequence=stop,
-            usage=Usage(prompt_tokens=seq.prompt_tokens, cached_tokens=seq.reused_tokens,
-                        computed_tokens=seq.prompt_tokens - seq.reused_tokens, output_tokens=len(seq.generated)),
+            agent_id=seq.agent_id,
+            text=seq.output.text if seq.output else "",
+            token_ids=list(seq.generated),
+            stop_reason=reason,
+            stop_sequence=stop,
+            usage=Usage(
+                prompt_tokens=seq.prompt_tokens,
+                cached_tokens=seq.reused_tokens,
+                computed_tokens=seq.prompt_tokens - seq.reused_tokens,
+                output_tokens=len(seq.generated),
+            ),
             time_to_first_token=(t.first_token - t.submitted) if t.first_token else None,
-            prefill_seconds=t.prefill_seconds, decode_seconds=(now - t.first_token) if t.first_token else 0.0,
+            prefill_seconds=t.prefill_seconds,
+            decode_seconds=(now - t.first_token) if t.first_token else 0.0,
             queued_seconds=(t.admitted or now) - t.submitted,
         )
 
@@ -207,8 +218,11 @@ class Lifecycle:
             except Exception as exc:
                 result.turn_saved = False
                 result.save_error = exc.message if isinstance(exc, SemanticError) else type(exc).__name__
-                log.error("a finished turn could not be saved; the client is told", agent=result.agent_id,
-                          error=result.save_error)
+                log.error(
+                    "a finished turn could not be saved; the client is told",
+                    agent=result.agent_id,
+                    error=result.save_error,
+                )
             result.durable_seconds = time.perf_counter() - since
             self.metrics.turn_durable_seconds.observe(result.durable_seconds)
             seq.phase = Phase.DONE
@@ -227,8 +241,10 @@ class Lifecycle:
                 messages.append(answer)
             # How the answer was made, so a UI can show it again after a restart.
             answer["meta"] = {
-                "stop_reason": result.stop_reason, "output_tokens": result.usage.output_tokens,
-                "prompt_tokens": result.usage.prompt_tokens, "cached_tokens": result.usage.cached_tokens,
+                "stop_reason": result.stop_reason,
+                "output_tokens": result.usage.output_tokens,
+                "prompt_tokens": result.usage.prompt_tokens,
+                "cached_tokens": result.usage.cached_tokens,
                 "ttft": round(result.time_to_first_token, 4) if result.time_to_first_token else None,
                 "decode_tps": round(result.decode_tokens_per_second, 2),
             }
@@ -267,9 +283,16 @@ class Lifecycle:
     def _finish_unstarted(self, seq: Sequence) -> None:
         now = time.monotonic()
         result = GenerationResult(
-            agent_id=seq.agent_id or "", text="", token_ids=[], stop_reason="cancelled", stop_sequence=None,
-            usage=Usage(len(seq.prompt), 0, 0, 0), time_to_first_token=None,
-            prefill_seconds=seq.timing.prefill_seconds, decode_seconds=0.0, queued_seconds=now - seq.timing.submitted,
+            agent_id=seq.agent_id or "",
+            text="",
+            token_ids=[],
+            stop_reason="cancelled",
+            stop_sequence=None,
+            usage=Usage(len(seq.prompt), 0, 0, 0),
+            time_to_first_token=None,
+            prefill_seconds=seq.timing.prefill_seconds,
+            decode_seconds=0.0,
+            queued_seconds=now - seq.timing.submitted,
         )
         self.metrics.generations.labels("cancelled").inc()
         seq.phase = Phase.DONE
@@ -297,8 +320,7 @@ class Lifecycle:
         agent back into a state the engine can trust (what its file holds), so that no other
         request, and no later one, is affected."""
         agent_id = seq.agent_id or (seq.load.agent_id if seq.load else None)
-        log.error("a request failed inside the engine; the engine goes on", stage=stage, agent=agent_id,
-                  exc_info=exc)
+        log.error("a request failed inside the engine; the engine goes on", stage=stage, agent=agent_id, exc_info=exc)
         self.metrics.engine_failures.labels(stage).inc()
         self.scheduler.remove(seq)
         seq.kv = None
@@ -311,10 +333,15 @@ class Lifecycle:
         self.publisher.dirty = True
         if seq.phase is not Phase.DONE:
             seq.phase = Phase.DONE
-            seq.handle.deliver(Failed(EngineFault(
-                f"the request failed inside the engine while {_STAGE_WORDS.get(stage, stage)}; the agent keeps "
-                f"its last saved state and the engine goes on serving (request id {seq.request.request_id or '-'})"
-            )))
+            seq.handle.deliver(
+                Failed(
+                    EngineFault(
+                        f"the request failed inside the engine while {_STAGE_WORDS.get(stage, stage)}; the agent "
+                        "keeps its last saved state and the engine goes on serving "
+                        f"(request id {seq.request.request_id or '-'})"
+                    )
+                )
+            )
 
     def _reset_agent(self, agent_id: str, *, forget: bool = False) -> None:
         """Drop an agent's in-memory state after a failure; it continues from its file (or empty)."""
@@ -342,6 +369,9 @@ class Lifecycle:
 
 
 _STAGE_WORDS = {
-    "admit": "admitting it", "load": "loading its agent", "prefill": "reading the prompt",
-    "decode": "generating", "finish": "finishing the answer",
+    "admit": "admitting it",
+    "load": "loading its agent",
+    "prefill": "reading the prompt",
+    "decode": "generating",
+    "finish": "finishing the answer",
 }

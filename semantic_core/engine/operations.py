@@ -53,12 +53,19 @@ class AgentOperations:
 
     # Operations ------------------------------------------------------------------------------------
 
-    def create(self, agent_id: str | None = None, *, display_name: str | None = None,
-               system_prompt: str | None = None, sampling: Sampling | None = None) -> AgentInfo:
+    def create(
+        self,
+        agent_id: str | None = None,
+        *,
+        display_name: str | None = None,
+        system_prompt: str | None = None,
+        sampling: Sampling | None = None,
+    ) -> AgentInfo:
         def op() -> AgentInfo:
             self.residency.make_hot_slot(self.admission.busy())
-            agent = self.admission.new_agent(agent_id, set(), display_name=display_name, system_prompt=system_prompt,
-                                             sampling=sampling)
+            agent = self.admission.new_agent(
+                agent_id, set(), display_name=display_name, system_prompt=system_prompt, sampling=sampling
+            )
             agent.changed()
             try:
                 self.store.save(agent, None)  # an empty agent is still an agent after a restart
@@ -67,6 +74,7 @@ class AgentOperations:
                 raise
             self.residency.place(agent, self.new_cache())
             return self.info(agent)
+
         return self._run(op)
 
     def all(self) -> list[AgentInfo]:
@@ -76,6 +84,7 @@ class AgentOperations:
         def op() -> tuple[AgentInfo, list[dict[str, Any]]]:
             agent = self.store.get(agent_id)
             return self.info(agent), [dict(m) for m in self.store.load_messages(agent)]
+
         return self._run(op)
 
     def save(self, agent_id: str) -> AgentInfo:
@@ -86,6 +95,7 @@ class AgentOperations:
             if self.residency.is_hot(agent.id):
                 self.store.save(agent, self.residency.cache(agent.id))
             return self.info(agent)
+
         return self._run(op)
 
     def evict(self, agent_id: str) -> AgentInfo:
@@ -95,6 +105,7 @@ class AgentOperations:
                 raise AgentBusy(agent_id, "evict")
             self.residency.evict(agent, reason="manual")
             return self.info(agent)
+
         return self._run(op)
 
     def load(self, agent_id: str) -> AgentInfo:
@@ -102,6 +113,7 @@ class AgentOperations:
             agent = self.store.get(agent_id)
             self.make_hot(agent)
             return self.info(agent)
+
         return self._run(op)
 
     def pin(self, agent_id: str, pinned: bool = True) -> AgentInfo:
@@ -111,6 +123,7 @@ class AgentOperations:
                 self.make_hot(agent)  # pinning keeps it hot, so it starts hot
             self._after_record_change(agent)
             return self.info(agent)
+
         return self._run(op)
 
     def rename(self, agent_id: str, display_name: str | None) -> AgentInfo:
@@ -118,6 +131,7 @@ class AgentOperations:
             agent = self.store.rename(agent_id, display_name)
             self._after_record_change(agent)
             return self.info(agent)
+
         return self._run(op)
 
     def delete(self, agent_id: str) -> None:
@@ -126,6 +140,7 @@ class AgentOperations:
             self._busy(agent, "delete")
             self.store.forget(agent)  # raises, changing nothing, if its files cannot be removed
             self.residency.release(agent.id)
+
         self._run(op)
 
     def fork(self, agent_id: str, new_id: str | None = None, *, display_name: str | None = None) -> AgentInfo:
@@ -136,8 +151,13 @@ class AgentOperations:
             self.make_hot(parent)
             self.residency.make_hot_slot({parent.id, *self.admission.busy()})
             child = self.admission.new_agent(
-                new_id, {parent.id}, display_name=display_name, system_prompt=parent.record.system_prompt,
-                sampling=parent.record.sampling, forked_from=parent.id)
+                new_id,
+                {parent.id},
+                display_name=display_name,
+                system_prompt=parent.record.system_prompt,
+                sampling=parent.record.sampling,
+                forked_from=parent.id,
+            )
             length = len(parent.tokens)
             shared = kv.fork(self.residency.cache(parent.id), length)
             try:
@@ -154,6 +174,7 @@ class AgentOperations:
             child.changed()
             self.save_quietly(child)
             return self.info(child)
+
         return self._run(op)
 
     # Shared steps ------------------------------------------------------------------------------------

@@ -157,8 +157,9 @@ class Runner:
     # Sampling --------------------------------------------------------------------------------------
 
     def sampler(self, request: GenerationRequest) -> Any:
-        return self._sampler((float(request.temperature), float(request.top_p), int(request.top_k),
-                              float(request.min_p)))
+        return self._sampler(
+            (float(request.temperature), float(request.top_p), int(request.top_k), float(request.min_p))
+        )
 
     def _sampler(self, key: SamplerKey) -> Any:
         """One sampler object per distinct setting, so a batch that shares settings samples in one call."""
@@ -166,8 +167,7 @@ class Runner:
 
         if key not in self._samplers:
             temp, top_p, top_k, min_p = key
-            self._samplers[key] = make_sampler(temp=temp, top_p=top_p if top_p < 1.0 else 0.0, top_k=top_k,
-                                               min_p=min_p)
+            self._samplers[key] = make_sampler(temp=temp, top_p=top_p if top_p < 1.0 else 0.0, top_k=top_k, min_p=min_p)
         return self._samplers[key]
 
     def processors(self, request: GenerationRequest) -> list[Any]:
@@ -178,8 +178,9 @@ class Runner:
 
         key = (float(request.repetition_penalty or 1.0), int(request.repetition_context_size))
         if key not in self._processors:
-            self._processors[key] = list(make_logits_processors(
-                repetition_penalty=key[0], repetition_context_size=key[1]))
+            self._processors[key] = list(
+                make_logits_processors(repetition_penalty=key[0], repetition_context_size=key[1])
+            )
         return self._processors[key]
 
     # BLAS -------------------------------------------------------------------------------------------

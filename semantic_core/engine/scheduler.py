@@ -73,8 +73,15 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, *, max_batch: int, prefill_step: int, group_slack: int = GROUP_SLACK_TOKENS,
-                 group_ratio: float = GROUP_RATIO, max_groups: int = MAX_DECODE_GROUPS) -> None:
+    def __init__(
+        self,
+        *,
+        max_batch: int,
+        prefill_step: int,
+        group_slack: int = GROUP_SLACK_TOKENS,
+        group_ratio: float = GROUP_RATIO,
+        max_groups: int = MAX_DECODE_GROUPS,
+    ) -> None:
         self.max_batch = max_batch
         self.prefill_step = prefill_step
         self.group_slack = group_slack

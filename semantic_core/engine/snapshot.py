@@ -120,16 +120,32 @@ def agent_info(agent: Agent, residency: Residency, bytes_per_token: int, running
     tokens = max(len(agent.tokens), running_tokens) if running else len(agent.tokens)
     blocks, shared = residency.blocks(agent.id)
     return AgentInfo(
-        id=agent.id, name=agent.record.name, tier=residency.tier(agent), pinned=agent.record.pinned,
-        running=running, tokens=tokens, blocks=blocks, shared_blocks=shared,
-        kv_bytes=tokens * bytes_per_token if hot is not None else 0, disk_bytes=agent.disk_bytes,
-        on_disk=agent.on_disk, dirty=agent.dirty, compatible=agent.compatible, damaged=agent.damaged,
-        created_at=agent.record.created_at, last_used=agent.record.last_used,
-        messages=agent.message_count, system_prompt=agent.record.system_prompt,
-        forked_from=agent.record.forked_from, reused_tokens=agent.reused_tokens,
-        computed_tokens=agent.computed_tokens, save_error=agent.save_error,
-        temperature=agent.record.sampling.temperature, max_tokens=agent.record.sampling.max_tokens,
-        top_p=agent.record.sampling.top_p, top_k=agent.record.sampling.top_k,
+        id=agent.id,
+        name=agent.record.name,
+        tier=residency.tier(agent),
+        pinned=agent.record.pinned,
+        running=running,
+        tokens=tokens,
+        blocks=blocks,
+        shared_blocks=shared,
+        kv_bytes=tokens * bytes_per_token if hot is not None else 0,
+        disk_bytes=agent.disk_bytes,
+        on_disk=agent.on_disk,
+        dirty=agent.dirty,
+        compatible=agent.compatible,
+        damaged=agent.damaged,
+        created_at=agent.record.created_at,
+        last_used=agent.record.last_used,
+        messages=agent.message_count,
+        system_prompt=agent.record.system_prompt,
+        forked_from=agent.record.forked_from,
+        reused_tokens=agent.reused_tokens,
+        computed_tokens=agent.computed_tokens,
+        save_error=agent.save_error,
+        temperature=agent.record.sampling.temperature,
+        max_tokens=agent.record.sampling.max_tokens,
+        top_p=agent.record.sampling.top_p,
+        top_k=agent.record.sampling.top_k,
     )
 
 
@@ -137,8 +153,16 @@ class Publisher:
     """Builds the engine's snapshot at most every 0.2 s while it generates (at once when idle and
     something changed), updates the gauges from it, and calls the listeners (engine thread)."""
 
-    def __init__(self, pool: BlockPool, store: AgentStore, residency: Residency, admission: Admission,
-                 metrics: Metrics, bytes_per_token: int, running_tokens: Callable[[str], int]) -> None:
+    def __init__(
+        self,
+        pool: BlockPool,
+        store: AgentStore,
+        residency: Residency,
+        admission: Admission,
+        metrics: Metrics,
+        bytes_per_token: int,
+        running_tokens: Callable[[str], int],
+    ) -> None:
         self.pool = pool
         self.store = store
         self.residency = residency
@@ -154,27 +178,52 @@ class Publisher:
         self.dirty = True
         self._at = 0.0
 
-    def publish(self, scheduler: Scheduler, listeners: list[Callable[[EngineSnapshot], None]], *, force: bool,
-                busy: bool, stopping: bool, requests_total: int) -> None:
+    def publish(
+        self,
+        scheduler: Scheduler,
+        listeners: list[Callable[[EngineSnapshot], None]],
+        *,
+        force: bool,
+        busy: bool,
+        stopping: bool,
+        requests_total: int,
+    ) -> None:
         now = time.monotonic()
         if not force and (now - self._at < 0.2 if busy else not self.dirty):
             return
         self.dirty = False
         self._at = now
-        agents = tuple(agent_info(a, self.residency, self.bytes_per_token, self.running_tokens(a.id))
-                       for a in sorted(self.store, key=lambda a: a.id))
+        agents = tuple(
+            agent_info(a, self.residency, self.bytes_per_token, self.running_tokens(a.id))
+            for a in sorted(self.store, key=lambda a: a.id)
+        )
         stats = self.pool.stats()
         prefill_tps, decode_tps = self.prefill_rate.value(), self.decode_rate.value()
         snap = EngineSnapshot(
-            taken_at=time.time(), agents=agents, pool_capacity=stats.capacity, pool_used=stats.used,
-            pool_shared=stats.shared, block_tokens=stats.block_tokens, bytes_per_block=stats.bytes_per_block,
-            hot_agents=sum(1 for a in agents if a.tier == "hot"), max_hot=self.residency.max_hot,
-            running=len(scheduler.decoding), prefilling=len(scheduler.prefilling), waiting=len(scheduler.waiting),
-            tokens_reused=self.tokens_reused, tokens_computed=self.tokens_computed,
-            prefill_tps=prefill_tps, decode_tps=decode_tps, evictions=self.residency.evictions,
-            saves=self.store.saves_total, loads=self.store.loads_total, quarantined=self.store.quarantined_total,
-            disk_bytes=self.store.disk_bytes(), requests_total=requests_total,
-            can_serve=self.residency.can_serve(), block_map=self.pool.block_map(),
+            taken_at=time.time(),
+            agents=agents,
+            pool_capacity=stats.capacity,
+            pool_used=stats.used,
+            pool_shared=stats.shared,
+            block_tokens=stats.block_tokens,
+            bytes_per_block=stats.bytes_per_block,
+            hot_agents=sum(1 for a in agents if a.tier == "hot"),
+            max_hot=self.residency.max_hot,
+            running=len(scheduler.decoding),
+            prefilling=len(scheduler.prefilling),
+            waiting=len(scheduler.waiting),
+            tokens_reused=self.tokens_reused,
+            tokens_computed=self.tokens_computed,
+            prefill_tps=prefill_tps,
+            decode_tps=decode_tps,
+            evictions=self.residency.evictions,
+            saves=self.store.saves_total,
+            loads=self.store.loads_total,
+            quarantined=self.store.quarantined_total,
+            disk_bytes=self.store.disk_bytes(),
+            requests_total=requests_total,
+            can_serve=self.residency.can_serve(),
+            block_map=self.pool.block_map(),
         )
         self.latest = snap
         m = self.metrics

@@ -48,8 +48,9 @@ def validate_request(req: GenerationRequest, info: ModelInfo, *, queue_depth: in
     if vocab and req.top_k >= vocab:
         req.top_k = 0  # the top `vocab` tokens are all of them: no filter (mlx-lm refuses k >= vocab)
     penalty = req.repetition_penalty
-    if penalty is not None and (not isinstance(penalty, int | float) or not 0 < penalty <= 10
-                                or not math.isfinite(penalty)):
+    if penalty is not None and (
+        not isinstance(penalty, int | float) or not 0 < penalty <= 10 or not math.isfinite(penalty)
+    ):
         raise InvalidRequest("repetition_penalty: must be in (0, 10]")
     if len(req.stop_sequences) > 64 or any(not isinstance(x, str) for x in req.stop_sequences):
         raise InvalidRequest("stop_sequences: at most 64 strings")

@@ -52,9 +52,7 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], system: str | No
 
 def _apply(tokenizer: Any, convo: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
     if getattr(tokenizer, "has_chat_template", True) and getattr(tokenizer, "chat_template", None):
-        return str(tokenizer.apply_chat_template(
-            convo, add_generation_prompt=add_generation_prompt, tokenize=False
-        ))
+        return str(tokenizer.apply_chat_template(convo, add_generation_prompt=add_generation_prompt, tokenize=False))
     # No template: a plain transcript the model can still continue.
     lines = [f"{m['role']}: {m['content']}" for m in convo]
     if add_generation_prompt:

@@ -110,10 +110,10 @@ def cpu_swiglu(gate: mx.array, x: mx.array) -> mx.array:
 
 
 def _make_sdpa(original: Any) -> Any:
-    def scaled_dot_product_attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any,
-                                     scale: float, mask: Any, sinks: Any = None) -> mx.array:
-        if (queries.shape[2] == 1 or sinks is not None or hasattr(cache, "bits")
-                or queries.dtype != mx.float32):
+    def scaled_dot_product_attention(
+        queries: mx.array, keys: mx.array, values: mx.array, cache: Any, scale: float, mask: Any, sinks: Any = None
+    ) -> mx.array:
+        if queries.shape[2] == 1 or sinks is not None or hasattr(cache, "bits") or queries.dtype != mx.float32:
             result: mx.array = original(queries, keys, values, cache, scale, mask, sinks)
             return result
         return cpu_attention(queries, keys, values, scale, mask)

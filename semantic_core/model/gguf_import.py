@@ -65,11 +65,11 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
     arch = str(bytes(field.parts[field.data[0]]), "utf-8") if field is not None else "unknown"
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModel(
-            f"{path.name}: GGUF architecture {arch!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{path.name}: GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    bad = sorted({(t.tensor_type.name, t.name) for t in reader.tensors
-                  if t.tensor_type.name not in SUPPORTED_TENSOR_TYPES})
+    bad = sorted(
+        {(t.tensor_type.name, t.name) for t in reader.tensors if t.tensor_type.name not in SUPPORTED_TENSOR_TYPES}
+    )
     if bad:
         kinds = sorted({k for k, _ in bad})
         raise UnsupportedModel(

@@ -141,8 +141,7 @@ def to_states(cache: Cache) -> list[LayerState]:
         kind = type(layer).__name__
         if kind == PLAIN:
             n = int(layer.offset)
-            arrays = {} if layer.keys is None else {
-                "keys": layer.keys[..., :n, :], "values": layer.values[..., :n, :]}
+            arrays = {} if layer.keys is None else {"keys": layer.keys[..., :n, :], "values": layer.values[..., :n, :]}
             meta: dict[str, Any] = {"offset": n}
         elif kind == ROTATING:
             n, idx = int(layer.offset), int(layer._idx)
@@ -218,8 +217,13 @@ def from_states(states: list[LayerState]) -> Cache:
     return caches
 
 
-def validate(kinds: list[str], metas: list[dict[str, Any]], shapes: list[dict[str, tuple[tuple[int, ...], str]]],
-             spec: CacheSpec, tokens: int) -> None:
+def validate(
+    kinds: list[str],
+    metas: list[dict[str, Any]],
+    shapes: list[dict[str, tuple[tuple[int, ...], str]]],
+    spec: CacheSpec,
+    tokens: int,
+) -> None:
     """Check a saved cache (per layer: class name, scalars, array shapes and numpy dtypes, as a file's
     header lists them) against the loaded model. Raises CacheMismatch naming the first difference."""
     if tokens == 0 and not kinds:
@@ -236,8 +240,10 @@ def validate(kinds: list[str], metas: list[dict[str, Any]], shapes: list[dict[st
         raw = meta.get("dtypes", {})
         if kind == QUANTIZED:
             if (meta.get("bits"), meta.get("group_size")) != (want.bits, want.group_size):
-                raise CacheMismatch(f"{where} is quantized with {meta.get('bits')} bits, group "
-                                    f"{meta.get('group_size')}; the loaded model uses {want.bits} / {want.group_size}")
+                raise CacheMismatch(
+                    f"{where} is quantized with {meta.get('bits')} bits, group "
+                    f"{meta.get('group_size')}; the loaded model uses {want.bits} / {want.group_size}"
+                )
             names = {f"{p}.{n}" for p in ("keys", "values") for n in ("q", "scales", "biases")}
         else:
             names = {"keys", "values"}
@@ -247,16 +253,18 @@ def validate(kinds: list[str], metas: list[dict[str, Any]], shapes: list[dict[st
             raise CacheMismatch(f"{where} has arrays {sorted(arrays)}, expected {sorted(names)}")
         for name, (shape, dtype) in arrays.items():
             if len(shape) != 4 or shape[0] != 1 or shape[1] != spec.kv_heads:
-                raise CacheMismatch(f"{where} {name} has shape {tuple(shape)}: the loaded model has "
-                                    f"{spec.kv_heads} KV heads")
+                raise CacheMismatch(
+                    f"{where} {name} has shape {tuple(shape)}: the loaded model has {spec.kv_heads} KV heads"
+                )
             if kind == QUANTIZED:
                 per_word = 32 // (want.bits or 8)
                 last = {"q": spec.head_dim // per_word}.get(name.split(".")[1], spec.head_dim // (want.group_size or 1))
             else:
                 last = spec.head_dim
             if shape[3] != last:
-                raise CacheMismatch(f"{where} {name} has shape {tuple(shape)}: the loaded model's head size is "
-                                    f"{spec.head_dim}")
+                raise CacheMismatch(
+                    f"{where} {name} has shape {tuple(shape)}: the loaded model's head size is {spec.head_dim}"
+                )
             stored = raw.get(name, dtype)
             expected = "uint32" if name.endswith(".q") else spec.dtype
             if stored != expected:

@@ -135,7 +135,8 @@ def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto", numpy_
         replaced = cpu_ops.install(model)
         if replaced:
             kernels = "mlx, with NumPy exponentials in " + " and ".join(
-                {"scaled_dot_product_attention": "prompt attention", "swiglu": "SwiGLU"}[n] for n in replaced)
+                {"scaled_dot_product_attention": "prompt attention", "swiglu": "SwiGLU"}[n] for n in replaced
+            )
 
     # One token through a fresh cache tells the KV layout whatever the architecture says.
     cache = kv.new_cache(model)
@@ -218,8 +219,13 @@ def generation_defaults(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     out: dict[str, Any] = {}
-    for name, kind in (("temperature", float), ("top_p", float), ("top_k", int), ("min_p", float),
-                       ("repetition_penalty", float)):
+    for name, kind in (
+        ("temperature", float),
+        ("top_p", float),
+        ("top_k", int),
+        ("min_p", float),
+        ("repetition_penalty", float),
+    ):
         value = config.get(name)
         if isinstance(value, int | float) and not isinstance(value, bool):
             out[name] = kind(value)

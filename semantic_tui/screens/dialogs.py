@@ -63,13 +63,15 @@ class NewAgentScreen(ModalScreen[NewAgentForm | None]):
         except ValueError:
             self.query_one("#form-error", Label).update("Temperature: a number from 0 to 2")
             return
-        self.dismiss(NewAgentForm(
-            agent_id=agent_id,
-            display_name=self.query_one("#display-name", Input).value.strip() or None,
-            system_prompt=self.query_one("#system-prompt", TextArea).text.strip() or None,
-            temperature=temperature,
-            max_tokens=int(max_tokens) if max_tokens else None,
-        ))
+        self.dismiss(
+            NewAgentForm(
+                agent_id=agent_id,
+                display_name=self.query_one("#display-name", Input).value.strip() or None,
+                system_prompt=self.query_one("#system-prompt", TextArea).text.strip() or None,
+                temperature=temperature,
+                max_tokens=int(max_tokens) if max_tokens else None,
+            )
+        )
 
     def on_input_submitted(self) -> None:
         self.query_one("#create", Button).press()

@@ -32,7 +32,7 @@ class LogScreen(Screen):
         total = getattr(self.lines, "total", len(lines))
         new = total - self.shown
         if new > 0:
-            for line in lines[-min(new, len(lines)):]:
+            for line in lines[-min(new, len(lines)) :]:
                 log.write(line)
             self.shown = total
 

@@ -14,8 +14,20 @@ from semantic_core.engine.engine import Engine
 from semantic_core.engine.snapshot import EngineSnapshot
 from semantic_tui.formatting import tier_label
 
-PALETTE = ["#e06c75", "#98c379", "#e5c07b", "#61afef", "#c678dd", "#56b6c2", "#d19a66", "#be5046",
-           "#7ec699", "#f08d49", "#b294bb", "#81a2be"]
+PALETTE = [
+    "#e06c75",
+    "#98c379",
+    "#e5c07b",
+    "#61afef",
+    "#c678dd",
+    "#56b6c2",
+    "#d19a66",
+    "#be5046",
+    "#7ec699",
+    "#f08d49",
+    "#b294bb",
+    "#81a2be",
+]
 
 
 def colour_for(agent_id: str, order: list[str]) -> str:
@@ -32,8 +44,11 @@ class BlockMap(Static):
         used = snap.block_map
         last_used = max(used, default=-1)
         # Large pools: draw the used part (and a row of free blocks), not thousands of free cells.
-        shown = min(snap.pool_capacity, max(per_line, -(-(last_used + 1) // per_line) * per_line + per_line),
-                    self.MAX_ROWS * per_line)
+        shown = min(
+            snap.pool_capacity,
+            max(per_line, -(-(last_used + 1) // per_line) * per_line + per_line),
+            self.MAX_ROWS * per_line,
+        )
         for i in range(shown):
             owners = used.get(i)
             if owners:
@@ -47,8 +62,11 @@ class BlockMap(Static):
         hidden_used = sum(1 for b in used if b >= shown)
         if hidden:
             text.append(f"\n… {hidden:,} more blocks ({hidden_used:,} in use)", style="dim")
-        text.append(f"\n█ one agent  ▓ shared prefix  · free   ({snap.block_tokens} tokens per block, "
-                    f"{snap.bytes_per_block / 1e6:.2f} MB)", style="dim")
+        text.append(
+            f"\n█ one agent  ▓ shared prefix  · free   ({snap.block_tokens} tokens per block, "
+            f"{snap.bytes_per_block / 1e6:.2f} MB)",
+            style="dim",
+        )
         self.update(text)
 
 
@@ -86,7 +104,8 @@ class PoolInspector(Screen):
             return
         self.query_one("#pool-summary", Static).update(
             f"[b]{snap.pool_used}[/] of {snap.pool_capacity} blocks in use ({snap.utilization:.0%}), "
-            f"{snap.pool_shared} shared · hot agents {snap.hot_agents}/{snap.max_hot}")
+            f"{snap.pool_shared} shared · hot agents {snap.hot_agents}/{snap.max_hot}"
+        )
         self.query_one(BlockMap).show(snap, self.size.width)
         table = self.query_one(DataTable)
         selected = None
@@ -98,9 +117,16 @@ class PoolInspector(Screen):
             total = a.reused_tokens + a.computed_tokens
             ratio = f"{a.reused_tokens / total:.0%}" if total else "-"
             name = Text("■ ", style=colour_for(a.id, order)) + Text(a.name)
-            table.add_row(name, Text.from_markup(tier_label(a.tier, a.pinned, a.running)), str(a.blocks),
-                          str(a.shared_blocks), f"{a.blocks * snap.bytes_per_block / 1e6:.1f}", str(a.tokens),
-                          ratio, key=a.id)
+            table.add_row(
+                name,
+                Text.from_markup(tier_label(a.tier, a.pinned, a.running)),
+                str(a.blocks),
+                str(a.shared_blocks),
+                f"{a.blocks * snap.bytes_per_block / 1e6:.1f}",
+                str(a.tokens),
+                ratio,
+                key=a.id,
+            )
         if selected is not None:
             for i, a in enumerate(snap.agents):
                 if a.id == selected:

@@ -40,12 +40,26 @@ class ChatMessage(Vertical):
 
 def describe(result: GenerationResult) -> str:
     u = result.usage
-    return stats_line(result.time_to_first_token, result.decode_tokens_per_second, u.output_tokens,
-                      u.prompt_tokens, u.cached_tokens, result.stop_reason, result.stop_sequence)
+    return stats_line(
+        result.time_to_first_token,
+        result.decode_tokens_per_second,
+        u.output_tokens,
+        u.prompt_tokens,
+        u.cached_tokens,
+        result.stop_reason,
+        result.stop_sequence,
+    )
 
 
-def stats_line(ttft: float | None, tps: float | None, output: int, prompt: int, cached: int, stop_reason: str,
-               stop_sequence: str | None = None) -> str:
+def stats_line(
+    ttft: float | None,
+    tps: float | None,
+    output: int,
+    prompt: int,
+    cached: int,
+    stop_reason: str,
+    stop_sequence: str | None = None,
+) -> str:
     parts = []
     if ttft is not None:
         parts.append(f"ttft {ttft:.2f} s")
@@ -63,8 +77,14 @@ def note_for(message: dict) -> str:
     meta = message.get("meta") or {}
     if not meta:
         return "[yellow]cancelled[/]" if message.get("cancelled") else ""
-    return stats_line(meta.get("ttft"), meta.get("decode_tps"), meta.get("output_tokens", 0),
-                      meta.get("prompt_tokens", 0), meta.get("cached_tokens", 0), meta.get("stop_reason", "end_turn"))
+    return stats_line(
+        meta.get("ttft"),
+        meta.get("decode_tps"),
+        meta.get("output_tokens", 0),
+        meta.get("prompt_tokens", 0),
+        meta.get("cached_tokens", 0),
+        meta.get("stop_reason", "end_turn"),
+    )
 
 
 class ChatView(VerticalScroll):

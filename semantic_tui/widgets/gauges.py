@@ -57,11 +57,13 @@ class Gauges(VerticalScroll):
         cap_mb = snap.pool_capacity * snap.bytes_per_block
         shared = f", {snap.pool_shared} shared" if snap.pool_shared else ""
         self.query_one("#pool-text", Static).update(
-            f"{snap.pool_used}/{snap.pool_capacity} blocks{shared}\n{human_bytes(used_mb)} of {human_bytes(cap_mb)}")
+            f"{snap.pool_used}/{snap.pool_capacity} blocks{shared}\n{human_bytes(used_mb)} of {human_bytes(cap_mb)}"
+        )
         total = snap.tokens_reused + snap.tokens_computed
         self.query_one("#hit-bar", ProgressBar).update(total=max(total, 1), progress=snap.tokens_reused)
         self.query_one("#hit-text", Static).update(
-            f"{snap.cache_hit_ratio:.0%}: {snap.tokens_reused} reused, {snap.tokens_computed} computed")
+            f"{snap.cache_hit_ratio:.0%}: {snap.tokens_reused} reused, {snap.tokens_computed} computed"
+        )
         self.decode.append(snap.decode_tps)
         self.prefill.append(snap.prefill_tps)
         self.query_one("#decode-spark", Sparkline).data = list(self.decode)
@@ -69,10 +71,11 @@ class Gauges(VerticalScroll):
         self.query_one("#decode-text", Static).update(f"{snap.decode_tps:.1f} now")
         self.query_one("#prefill-text", Static).update(f"{snap.prefill_tps:.1f} now")
         self.query_one("#agents-text", Static).update(
-            f"Hot [b]{snap.hot_agents}[/]/{snap.max_hot} · agents {len(snap.agents)}")
+            f"Hot [b]{snap.hot_agents}[/]/{snap.max_hot} · agents {len(snap.agents)}"
+        )
         self.query_one("#queue-text", Static).update(
-            f"Queue [b]{snap.waiting}[/] · running {snap.running + snap.prefilling}")
-        self.query_one("#disk-text", Static).update(
-            f"Disk {human_bytes(snap.disk_bytes)} · evicted {snap.evictions}")
+            f"Queue [b]{snap.waiting}[/] · running {snap.running + snap.prefilling}"
+        )
+        self.query_one("#disk-text", Static).update(f"Disk {human_bytes(snap.disk_bytes)} · evicted {snap.evictions}")
         rate = "" if requests_per_second is None else f"\n{requests_per_second:.1f} req/s"
         self.query_one("#api-text", Static).update(f"API {api}{rate}")

@@ -28,8 +28,14 @@ def layers_for(version: int, tokens: int, n_layers: int = 6) -> list[kv.LayerSta
 
 def save(agents_dir: Path, agent_id: str, version: int, tokens: int) -> None:
     record = AgentRecord(id=agent_id, messages=[{"role": "user", "content": f"version {version}"}])
-    disk.write_agent_file(disk.agent_path(agents_dir, agent_id), record, [version % 1000] * tokens,
-                          layers_for(version, tokens), fingerprint=FINGERPRINT, model_id="test")
+    disk.write_agent_file(
+        disk.agent_path(agents_dir, agent_id),
+        record,
+        [version % 1000] * tokens,
+        layers_for(version, tokens),
+        fingerprint=FINGERPRINT,
+        model_id="test",
+    )
 
 
 def main() -> None:
