@@ -100,9 +100,12 @@ def main() -> None:
                     for case in cases:
                         messages = [{"role": "user", "content": case["prompt"]}]
                         request = GenerationRequest(
-                            tokens=engine.render(messages).tokens, max_tokens=args.max_tokens,
-                            temperature=float(fields.get("temperature", 0.0)), top_p=float(fields.get("top_p", 1.0)),
-                            top_k=int(fields.get("top_k", 0)), min_p=float(fields.get("min_p", 0.0)),
+                            tokens=engine.render(messages).tokens,
+                            max_tokens=args.max_tokens,
+                            temperature=float(fields.get("temperature", 0.0)),
+                            top_p=float(fields.get("top_p", 1.0)),
+                            top_k=int(fields.get("top_k", 0)),
+                            min_p=float(fields.get("min_p", 0.0)),
                             repetition_penalty=fields.get("repetition_penalty"),
                         )
                         handles.append((case, engine.submit(request)))
@@ -114,16 +117,30 @@ def main() -> None:
                         total += 1
                         if seed == 0 and case is cases[0]:
                             examples[name] = [result.text.strip()[:120]]
-                rows.append([name, f"{n_right}/{total}", fmt(100 * n_right / total, 3),
-                             f"{n_degenerate}/{total}", fmt(100 * n_degenerate / total, 3)])
-                summary[name] = {"fields": fields, "right": n_right, "degenerate": n_degenerate, "answers": total,
-                                 "right_share": n_right / total, "degenerate_share": n_degenerate / total}
+                rows.append(
+                    [
+                        name,
+                        f"{n_right}/{total}",
+                        fmt(100 * n_right / total, 3),
+                        f"{n_degenerate}/{total}",
+                        fmt(100 * n_degenerate / total, 3),
+                    ]
+                )
+                summary[name] = {
+                    "fields": fields,
+                    "right": n_right,
+                    "degenerate": n_degenerate,
+                    "answers": total,
+                    "right_share": n_right / total,
+                    "degenerate_share": n_degenerate / total,
+                }
         finally:
             engine.stop(save=False)
     report.table(
         f"{len(cases)} prompts, max_tokens {args.max_tokens}; sampled settings over several seeds "
         f"(model: {info.model_id})",
-        ["setting", "right", "right %", "degenerate", "degenerate %"], rows,
+        ["setting", "right", "right %", "degenerate", "degenerate %"],
+        rows,
     )
     best = max(summary, key=lambda k: (summary[k]["right_share"], -summary[k]["degenerate_share"]))
     report.note(f"best: {best}")

@@ -18,8 +18,9 @@ def model_with_generation_config(tiny_model_dir, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny-genconfig") / "model"
     shutil.copytree(tiny_model_dir, path)
-    (path / "generation_config.json").write_text(json.dumps(
-        {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1}))
+    (path / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1})
+    )
     return load_resolved(ResolvedModel("tiny-genconfig", path, "local-dir"))
 
 
@@ -63,7 +64,8 @@ def test_a_named_agents_stored_system_prompt_applies_when_the_turn_gives_none(ti
     started = turns.start_sync(Turn(messages=[{"role": "user", "content": "hi"}], agent_id="pirate", max_tokens=2))
     started.handle.wait()
     assert "You are a pirate." in started.prompt.text
-    plain = turns.start_sync(Turn(messages=[{"role": "user", "content": "hi"}], agent_id="pirate", max_tokens=2,
-                                  system="Be brief."))
+    plain = turns.start_sync(
+        Turn(messages=[{"role": "user", "content": "hi"}], agent_id="pirate", max_tokens=2, system="Be brief.")
+    )
     plain.handle.wait()
     assert "pirate" not in plain.prompt.text and "Be brief." in plain.prompt.text
