@@ -6,6 +6,7 @@ import asyncio
 
 import httpx
 import pytest
+from textual.css.query import NoMatches
 
 from semantic_tui.app import SemanticApp
 from semantic_tui.screens.dialogs import ConfirmScreen, HelpScreen, NewAgentScreen
@@ -27,10 +28,19 @@ def app_for(tmp_path, loaded, **overrides) -> SemanticApp:
     return SemanticApp(Runtime(settings, loaded=loaded, serve_api=serve_api), clock=False, export_dir=tmp_path)
 
 
+def _holds(condition) -> bool:
+    # A widget that is mounted but has not composed its children yet raises
+    # NoMatches when queried: that is "not yet", not a failure.
+    try:
+        return bool(condition())
+    except NoMatches:
+        return False
+
+
 async def until(pilot, condition, timeout: float = 30.0, step: float = 0.05) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not condition():
+    while not _holds(condition):
         if loop.time() > deadline:
             raise AssertionError("timed out waiting for the UI")
         await pilot.pause(step)
