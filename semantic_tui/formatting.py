@@ -24,9 +24,11 @@ def ago(timestamp: float, now: float | None = None) -> str:
     return f"{int(seconds // 86400)}d"
 
 
-def tier_label(tier: str, pinned: bool, running: bool) -> str:
+def tier_label(tier: str, pinned: bool, running: bool, compatible: bool = True) -> str:
     if tier == "damaged":
         return "[red]damaged[/]"
+    if not compatible:
+        return "[magenta]other model[/]"
     if running:
         return "[bold yellow]busy[/]"
     if tier == "hot":

