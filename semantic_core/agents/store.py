@@ -380,6 +380,17 @@ class AgentStore:
         if agent.compatible and not agent.damaged:
             self.index.set(agent.id, tokens)
 
+    def rehome(self, agent: Agent) -> None:
+        """An agent of another model becomes this model's: its record (conversation included) is
+        kept, its tokens (another model's cache) dropped, and its file rewritten for this model."""
+        self.restore_messages(agent)
+        agent.compatible = True
+        agent.tokens = []
+        agent.changed()
+        self.save(agent, None)
+        self.index.set(agent.id, [])
+        log.info("agent moved to the loaded model; its next turn recomputes its conversation", agent=agent.id)
+
     # Saving --------------------------------------------------------------------------------------
 
     def saving(self, agent_id: str) -> bool:

@@ -155,6 +155,12 @@ async def load_agent(agent_id: str, request: Request) -> dict[str, Any]:
     return await _action(request, agent_id, "load_agent")
 
 
+@router.post("/{agent_id}/rehome")
+async def rehome_agent(agent_id: str, request: Request) -> dict[str, Any]:
+    """Move an agent saved with another model to the loaded one (its next turn recomputes its conversation)."""
+    return await _action(request, agent_id, "rehome_agent")
+
+
 @router.post("/{agent_id}/pin")
 async def pin_agent(agent_id: str, request: Request) -> dict[str, Any]:
     return await _action(request, agent_id, "pin_agent", True)

@@ -38,7 +38,9 @@ _STATUS_BY_KIND = {
 def status_and_kind(exc: SemanticError) -> tuple[int, str]:
     if isinstance(exc, PoolExhausted) and exc.never_fits:
         return 400, "invalid_request_error"  # no retry will help: the request itself is too big
-    if isinstance(exc, AgentBusy | ModelMismatch):
+    if isinstance(exc, ModelMismatch):
+        return 409, "invalid_request_error"  # the agent is another model's: a conflict, not a bad request
+    if isinstance(exc, AgentBusy):
         return 400, "invalid_request_error"
     if isinstance(exc, AgentDamaged):
         return 500, "api_error"

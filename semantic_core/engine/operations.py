@@ -16,7 +16,7 @@ from semantic_core.agents.store import Agent, AgentStore
 from semantic_core.engine.admission import Admission
 from semantic_core.engine.residency import Residency
 from semantic_core.engine.snapshot import AgentInfo, agent_info
-from semantic_core.errors import AgentBusy, AgentDamaged, ModelMismatch, SemanticError
+from semantic_core.errors import AgentBusy, AgentDamaged, InvalidRequest, ModelMismatch, SemanticError
 from semantic_core.model import kv
 from semantic_core.observability import get_logger
 
@@ -174,6 +174,22 @@ class AgentOperations:
             child.changed()
             self.save_quietly(child)
             return self.info(child)
+
+        return self._run(op)
+
+    def rehome(self, agent_id: str) -> AgentInfo:
+        """Move an agent saved with another model to the loaded one: its conversation is kept, its
+        old cache (useless to this model) dropped; its next turn computes the conversation here.
+        Written at once, so the move survives a restart."""
+
+        def op() -> AgentInfo:
+            agent = self.store.get(agent_id)
+            if agent.damaged:
+                raise AgentDamaged(f"agent {agent.id!r} is damaged: {agent.damaged}")
+            if agent.compatible:
+                raise InvalidRequest(f"agent {agent.id!r} already belongs to the loaded model")
+            self.store.rehome(agent)
+            return self.info(agent)
 
         return self._run(op)
 

@@ -55,7 +55,17 @@ Every agent is a conversation with its own KV cache.
         fingerprint = (
             current,
             *(
-                (a.id, a.name, a.tier, a.pinned, a.running, a.tokens, a.disk_bytes, int(a.last_used) // 60)
+                (
+                    a.id,
+                    a.name,
+                    a.tier,
+                    a.pinned,
+                    a.running,
+                    a.compatible,
+                    a.tokens,
+                    a.disk_bytes,
+                    int(a.last_used) // 60,
+                )
                 for a in rows
             ),
         )
@@ -67,7 +77,18 @@ Every agent is a conversation with its own KV cache.
         for a in rows:
             size = human_bytes(a.kv_bytes if a.tier == "hot" else a.disk_bytes)
             name = f"[b]{a.name}[/]" if a.id == current else a.name
-            cells.append((a.id, [name, tier_label(a.tier, a.pinned, a.running), str(a.tokens), size, ago(a.last_used)]))
+            cells.append(
+                (
+                    a.id,
+                    [
+                        name,
+                        tier_label(a.tier, a.pinned, a.running, a.compatible),
+                        str(a.tokens),
+                        size,
+                        ago(a.last_used),
+                    ],
+                )
+            )
         # Explicit widths (the widest cell, as automatic widths would be): DataTable measures automatic
         # widths lazily, and a screen drawn before that showed every cell cut to its header's width.
         for index, (label, column) in enumerate(zip(self.COLUMNS, self.columns.values(), strict=True)):
