@@ -35,9 +35,18 @@ run: model
 serve: model
 	$(BIN)/semantic serve
 
-# promtool checks and unit-tests the Prometheus alert rules (tests skip without it). As root with
-# apt-get (CI, containers) it is installed from the distribution's `prometheus` package.
+# Test tools: Claude Code (for its end-to-end test) from npm, pinned, into .tools/; promtool, which
+# checks and unit-tests the Prometheus alert rules, as root with apt-get (CI, containers) from the
+# distribution's `prometheus` package. Tests that need a missing tool are skipped, saying why.
+CLAUDE_CODE_VERSION ?= 2.1.197
 tools:
+	@if [ ! -x .tools/claude-code/node_modules/.bin/claude ]; then \
+	  if command -v npm >/dev/null 2>&1; then \
+	    echo "installing Claude Code $(CLAUDE_CODE_VERSION) from npm into .tools/claude-code"; \
+	    npm install --silent --no-audit --no-fund --prefix .tools/claude-code \
+	      @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION) >/dev/null 2>&1 || \
+	      echo "Claude Code could not be installed: its end-to-end test will be skipped"; \
+	  else echo "npm not found: the Claude Code end-to-end test will be skipped"; fi; fi
 	@command -v promtool >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1 || \

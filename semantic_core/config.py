@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     )
     server_rate_limit_global: int = Field(1000, ge=0, description="Requests per minute in all (0 = off).")
     server_max_body_mb: float = Field(8.0, gt=0, description="Largest request body accepted, in MB.")
+    server_max_output_tokens: int = Field(
+        4096,
+        ge=1,
+        description="Most tokens one API answer may ask for: a larger max_tokens (Claude Code asks 32,000-64,000) "
+        "is lowered to this, and the response says so in the x-semantic-max-tokens header.",
+    )
     server_max_queue: int = Field(256, ge=1, description="Waiting requests beyond which the API answers 529.")
     server_drain_seconds: float = Field(30.0, ge=0, description="Graceful shutdown: wait for in-flight requests.")
     server_allowed_hosts: Annotated[list[str], NoDecode] = Field(

@@ -18,12 +18,29 @@ class InvalidRequest(SemanticError):
 
 
 class PromptTooLong(InvalidRequest):
-    def __init__(self, prompt_tokens: int, limit: int, what: str = "prompt", *, estimated: bool = False) -> None:
-        at_least = "at least " if estimated else ""
+    """Anthropic's own wording, which clients match (Claude Code reads the two numbers)."""
+
+    def __init__(self, prompt_tokens: int, limit: int, *, estimated: bool = False) -> None:
+        note = " (counted from its length: at least that many)" if estimated else ""
         super().__init__(
-            f"{what} is {at_least}{prompt_tokens} tokens, over the model's context limit of {limit} tokens"
+            f"prompt is too long: {prompt_tokens} tokens > {limit} maximum{note}; the model's context limit "
+            f"is {limit} tokens"
         )
         self.prompt_tokens = prompt_tokens
+        self.limit = limit
+
+
+class ContextOverflow(InvalidRequest):
+    """The prompt fits, but not with the answer it asks room for (Anthropic's wording, which Claude
+    Code reads to retry with a smaller max_tokens)."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, limit: int) -> None:
+        super().__init__(
+            f"input length and `max_tokens` exceed context limit: {prompt_tokens} + {max_tokens} > {limit}, "
+            "decrease input length or `max_tokens` and try again"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
         self.limit = limit
 
 

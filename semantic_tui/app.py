@@ -24,6 +24,7 @@ from textual.widgets import Footer, Header, Markdown
 from semantic_core.agents.record import Sampling
 from semantic_core.engine.handle import RequestHandle
 from semantic_core.engine.types import Failed, Finished, PrefillProgress, TextDelta
+from semantic_core.engine.types import Started as EngineStarted
 from semantic_core.errors import SemanticError
 from semantic_core.observability import configure_logging
 from semantic_core.runtime import Runtime
@@ -307,7 +308,8 @@ class SemanticApp(App[None]):
         try:
             # Sampling and length come from the one defaults policy (the agent's own, the model's,
             # the settings'): see semantic_core/turns.py.
-            started = await self.turns.start(Turn(messages=messages, agent_id=agent_id))
+            turn = Turn(messages=messages, agent_id=agent_id)
+            started = await self.turns.start(turn)
             handle = started.handle
         except SemanticError as exc:
             await answer.remove()
@@ -316,8 +318,12 @@ class SemanticApp(App[None]):
         self.handles[agent_id] = handle
 
         stream = Markdown.get_stream(answer.markdown)
+        miss: str | None = None
         try:
             async for event in handle:
+                if isinstance(event, EngineStarted) and event.diverged_from is not None:
+                    # Why this turn recomputed part of the prompt: where it left the agent's cache.
+                    miss = self.turns.divergence(turn, started.prompt, event.cached_tokens, event.diverged_from)
                 if self.current != agent_id:
                     continue  # switched away: the answer still completes and is saved with the agent
                 if isinstance(event, TextDelta):
@@ -325,7 +331,7 @@ class SemanticApp(App[None]):
                 elif isinstance(event, PrefillProgress) and event.total >= 256:
                     answer.show_prefill(event.done, event.total)
                 elif isinstance(event, Finished):
-                    answer.finish(event.result)
+                    answer.finish(event.result, miss)
                     if not event.result.turn_saved:
                         self.notify(
                             f"This answer could not be saved to disk: {event.result.save_error}",
@@ -413,6 +419,10 @@ class SemanticApp(App[None]):
         if (agent_id := self._target()) is not None:
             self.run_agent_op("fork", agent_id)
 
+    def action_rehome(self) -> None:
+        if (agent_id := self._target()) is not None:
+            self.run_agent_op("rehome", agent_id)
+
     def action_delete(self) -> None:
         agent_id = self._target()
         if agent_id is None:
@@ -446,6 +456,9 @@ class SemanticApp(App[None]):
                 info = await asyncio.to_thread(engine.fork_agent, agent_id)
                 self.notify(f"Forked {agent_id} into {info.id}.", timeout=4)
                 await self.open_agent(info.id)
+            elif op == "rehome":
+                await asyncio.to_thread(engine.rehome_agent, agent_id)
+                self.notify(f"Moved {agent_id} to this model; its next answer recomputes the conversation.", timeout=6)
             elif op == "delete":
                 await asyncio.to_thread(engine.delete_agent, agent_id)
                 self.notify(f"Deleted {agent_id}.", timeout=3)
@@ -542,6 +555,11 @@ class SemanticApp(App[None]):
             ("Evict agent", "Save the selected agent and release its memory", self.action_evict),
             ("Pin or unpin agent", "A pinned agent stays in memory", self.action_pin),
             ("Fork agent", "Copy the selected agent; the copy shares its cached prefix", self.action_fork),
+            (
+                "Rehome agent",
+                "Move an agent saved with another model to this one (its next turn recomputes it)",
+                self.action_rehome,
+            ),
             ("Delete agent", "Delete the selected agent and its saved cache", self.action_delete),
             ("Export conversation", "Write the selected agent's conversation to Markdown", self.action_export),
             ("Stop generating", "Stop the answer being generated", self.action_cancel),

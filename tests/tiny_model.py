@@ -18,6 +18,30 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# The same conversation format, taking tools (as Qwen2.5's does: JSON calls between <tool_call> tags,
+# tool results in a user turn), so mlx-lm sees a JSON tool-call format.
+CHATML_TOOLS = (
+    "{%- if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}{% set rest = messages[1:] %}"
+    "{%- else %}{% set sys = 'You are a tiny test model.' %}{% set rest = messages %}{% endif %}"
+    "{{- '<|im_start|>system\n' + sys }}"
+    "{%- if tools %}{{- '\n\nTools:\n<tools>' }}{% for tool in tools %}{{- '\n' + (tool | tojson) }}{% endfor %}"
+    '{{- \'\n</tools>\nCall a tool as <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>\' }}'
+    "{%- endif %}{{- '<|im_end|>\n' }}"
+    "{%- for message in rest %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}"
+    "{{- '<|im_start|>assistant' }}{% if message.content %}{{- '\n' + message.content }}{% endif %}"
+    "{%- for tool_call in message.tool_calls %}{% if tool_call.function is defined %}"
+    "{% set tool_call = tool_call.function %}{% endif %}"
+    '{{- \'\n<tool_call>\n{"name": "\' + tool_call.name + \'", "arguments": \' + (tool_call.arguments | tojson)'
+    " + '}\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or rest[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{% endif %}"
+    "{{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}"
+    "{%- if loop.last or rest[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\n' }}{% endif %}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}{% if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
     "Agents keep their context in a KV cache; the cache is saved to disk and loaded again.",
@@ -28,8 +52,8 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(out: Path, vocab_size: int = 384) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(out: Path, vocab_size: int = 384, *, tools: bool = False) -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -41,6 +65,8 @@ def build_tokenizer(out: Path, vocab_size: int = 384) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    if tools:  # single added tokens, not special (decoded into the text), as in Qwen2.5
+        tok.add_tokens([AddedToken("<tool_call>", normalized=False), AddedToken("</tool_call>", normalized=False)])
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(
@@ -54,7 +80,7 @@ def build_tokenizer(out: Path, vocab_size: int = 384) -> None:
                 "add_bos_token": False,
                 "clean_up_tokenization_spaces": False,
                 "model_max_length": 8192,
-                "chat_template": CHATML,
+                "chat_template": CHATML_TOOLS if tools else CHATML,
             }
         )
     )
@@ -116,7 +142,14 @@ SLIDING_WINDOW = 32
 
 
 def build_tiny_model(
-    out: Path, *, seed: int = 0, layers: int = 4, hidden: int = 64, context: int = 8192, arch: str = "llama"
+    out: Path,
+    *,
+    seed: int = 0,
+    layers: int = 4,
+    hidden: int = 64,
+    context: int = 8192,
+    arch: str = "llama",
+    tools: bool = False,
 ) -> Path:
     """A random-weight model of `arch` (llama, qwen2, gemma3) as an mlx-lm directory.
 
@@ -125,13 +158,14 @@ def build_tiny_model(
     matrices N(0, 0.2), embeddings N(0, 1), biases N(0, 0.1), norms at their identity (1 for llama
     and qwen2, 0 for Gemma's 1 + weight form)."""
     if arch == "llama":
+        assert not tools, "the tool-calling tiny model is a qwen2"
         return _build_llama(out, seed=seed, layers=layers, hidden=hidden, context=context)
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
     out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(out)
+    build_tokenizer(out, tools=tools)
     from tokenizers import Tokenizer
 
     vocab_size = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size(with_added_tokens=True)

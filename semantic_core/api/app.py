@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from semantic_core import __version__
-from semantic_core.api import agents, errors, messages, probes
+from semantic_core.api import agents, errors, messages, openai, probes
 from semantic_core.api.middleware import (
     AccessLogMiddleware,
     AuthMiddleware,
@@ -24,6 +24,7 @@ from semantic_core.api.middleware import (
     CrossSiteGuardMiddleware,
     HostCheckMiddleware,
     MetricsMiddleware,
+    OpenAIErrorMiddleware,
     RateLimitMiddleware,
     RequestIDMiddleware,
     UnhandledErrorMiddleware,
@@ -66,6 +67,7 @@ def create_app(
     app.state.turns = turns or TurnService(engine, settings)
     errors.install(app)
     app.include_router(messages.router, tags=["messages"], responses=ERROR_RESPONSES)
+    app.include_router(openai.router, tags=["openai"])
     app.include_router(agents.router, responses=ERROR_RESPONSES)
     app.include_router(probes.router, tags=["probes"])
 
@@ -93,6 +95,7 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=engine.metrics)
     app.add_middleware(AccessLogMiddleware)
     app.add_middleware(UnhandledErrorMiddleware)
+    app.add_middleware(OpenAIErrorMiddleware)
     app.add_middleware(RequestIDMiddleware)
     return app
 

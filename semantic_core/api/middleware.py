@@ -8,6 +8,7 @@ auth -> rate limit -> body size -> handler.
 from __future__ import annotations
 
 import hmac
+import json
 import math
 import re
 import secrets
@@ -35,7 +36,7 @@ def error_response(status: int, kind: str, message: str, headers: dict[str, str]
 
 
 def _is_open(path: str) -> bool:
-    return path.startswith(OPEN_PATHS[0]) or path == OPEN_PATHS[1]
+    return path.startswith(OPEN_PATHS[0]) or path in (OPEN_PATHS[1], "/")
 
 
 class RequestIDMiddleware:
@@ -221,12 +222,20 @@ class AccessLogMiddleware:
         start = time.perf_counter()
         status = 500
         agent = None
+        error_body = b""
+        extra: dict[str, str] = {}
 
         async def capture(message: Message) -> None:
-            nonlocal status, agent
+            nonlocal status, agent, error_body
             if message["type"] == "http.response.start":
                 status = message["status"]
-                agent = Headers(raw=message.get("headers", [])).get("x-agent-id")
+                headers = Headers(raw=message.get("headers", []))
+                agent = headers.get("x-agent-id")
+                for name in ("x-semantic-cache-miss", "x-semantic-max-tokens", "x-semantic-warning"):
+                    if headers.get(name):
+                        extra[name.removeprefix("x-semantic-").replace("-", "_")] = headers[name]
+            elif message["type"] == "http.response.body" and status >= 400 and len(error_body) < 4096:
+                error_body += message.get("body", b"")
             await send(message)
 
         try:
@@ -241,7 +250,63 @@ class AccessLogMiddleware:
             }
             if agent:
                 fields["agent"] = agent
+            fields.update(extra)
+            if status >= 400:
+                fields.update(_error_fields(error_body))
             log.info("request", **fields)
+
+
+def _error_fields(body: bytes) -> dict[str, str]:
+    """The error's type and message, for the access log (our own wording: no prompt text)."""
+    try:
+        err = json.loads(body).get("error") or {}
+        return {"error_type": str(err.get("type", "")), "error": str(err.get("message", ""))[:300]}
+    except (ValueError, AttributeError):
+        return {}
+
+
+class OpenAIErrorMiddleware:
+    """Errors on the OpenAI-shaped routes in OpenAI's envelope ({"error": {"message", "type",
+    "param", "code"}}), whichever layer raised them (auth, rate limit, validation, the engine)."""
+
+    def __init__(self, app: ASGIApp, prefixes: tuple[str, ...] = ("/v1/chat/completions",)) -> None:
+        self.app = app
+        self.prefixes = prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefixes):
+            await self.app(scope, receive, send)
+            return
+        held: Message | None = None
+        body = b""
+
+        async def reshape(message: Message) -> None:
+            nonlocal held, body
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                held = message
+                return
+            if held is None:
+                await send(message)
+                return
+            body += message.get("body", b"")
+            if message.get("more_body"):
+                return
+            new = _openai_error(body)
+            headers = MutableHeaders(scope=held)
+            headers["content-length"] = str(len(new))
+            await send(held)
+            await send({"type": "http.response.body", "body": new})
+
+        await self.app(scope, receive, reshape)
+
+
+def _openai_error(body: bytes) -> bytes:
+    try:
+        err = json.loads(body)["error"]
+        kind, message = str(err["type"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        return body
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": kind}}).encode()
 
 
 class MetricsMiddleware:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from semantic_core import __version__
 from semantic_core.api.messages import check_model
 from semantic_core.api.schemas import ModelInfoOut, ModelList
 from semantic_core.engine.engine import Engine
@@ -60,6 +61,12 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
+@router.api_route("/", methods=["GET", "HEAD"])
+async def root(request: Request) -> dict[str, str]:
+    """What answers here (clients such as Claude Code check the server with HEAD /)."""
+    return {"name": "semantic", "version": __version__, "api": "/v1/messages, /v1/chat/completions"}
+
+
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     engine: Engine = request.app.state.engine
@@ -75,6 +82,7 @@ def _model_out(engine: Engine) -> ModelInfoOut:
         id=info.model_id,
         display_name=f"{info.model_id} ({info.weights}, {info.device})",
         created_at=created.isoformat().replace("+00:00", "Z"),
+        created=int(created.timestamp()),
     )
 
 

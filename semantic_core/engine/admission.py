@@ -102,6 +102,8 @@ class Admission:
         # Keep at least one prompt token to compute: its logits give the first answer token.
         reuse = len(agent.tokens) if seq.preempted else common_prefix(agent.tokens, seq.prompt)
         reuse = min(reuse, len(seq.prompt) - 1)
+        if not seq.preempted and reuse < min(len(agent.tokens), len(seq.prompt) - 1):
+            seq.diverged_from = len(agent.tokens)
         need = len(seq.prompt) + 1
         if not self.residency.fits_ever(need):
             raise PoolExhausted(

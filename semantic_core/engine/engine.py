@@ -40,6 +40,7 @@ from semantic_core.agents.store import AgentStore
 from semantic_core.config import Settings
 from semantic_core.engine.admission import Admission
 from semantic_core.engine.block_pool import BlockPool
+from semantic_core.engine.constraints import Grammars
 from semantic_core.engine.handle import RequestHandle
 from semantic_core.engine.lifecycle import Lifecycle
 from semantic_core.engine.operations import AgentOperations
@@ -63,6 +64,7 @@ from semantic_core.errors import (
 from semantic_core.model import kv
 from semantic_core.model.chat import RenderedPrompt, render_chat
 from semantic_core.model.loader import LoadedModel, ModelInfo
+from semantic_core.model.tools import ToolFormat
 from semantic_core.observability import Metrics, get_logger
 
 log = get_logger("semantic.engine")
@@ -129,6 +131,8 @@ class Engine:
         # Set at start (on the engine thread):
         self.model: Any = None
         self.tokenizer: Any = None
+        self.tool_format: ToolFormat | None = None  # how the model writes tool calls; None: it cannot
+        self.grammars: Grammars | None = None
         self.info: ModelInfo | None = None
         self.pool: BlockPool | None = None
         self.store: AgentStore | None = None
@@ -186,7 +190,7 @@ class Engine:
 
     def render(self, messages: list[dict[str, Any]], system: str | None = None) -> RenderedPrompt:
         """Chat template -> tokens (any thread: the tokenizer is not MLX)."""
-        return render_chat(self.tokenizer, messages, system)
+        return render_chat(self.tokenizer, messages, system, bos=self.info.bos if self.info else None)
 
     def submit(self, request: GenerationRequest, *, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue a request. Pass `loop` (or use `submit_async`) to consume events with `async for`."""
@@ -276,6 +280,9 @@ class Engine:
     def fork_agent(self, agent_id: str, new_id: str | None = None, *, display_name: str | None = None) -> AgentInfo:
         return self._ops().fork(agent_id, new_id, display_name=display_name)
 
+    def rehome_agent(self, agent_id: str) -> AgentInfo:
+        return self._ops().rehome(agent_id)
+
     # Snapshots for readers on other threads ----------------------------------------------------------
 
     def snapshot(self, fresh: bool = False) -> EngineSnapshot:
@@ -347,6 +354,8 @@ class Engine:
         self.model = self._loaded.model
         self.tokenizer = self._loaded.tokenizer
         info = self.info = self._loaded.info
+        self.tool_format = ToolFormat.of(self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, info.vocab_size, sorted(self.tokenizer.eos_token_ids))
         s = self.settings
         self.pool = BlockPool.from_budget(s.mlx_cache_budget_mb, s.mlx_block_tokens, info.bytes_per_token)
         self.store = AgentStore(

@@ -93,7 +93,7 @@ class Lifecycle:
         agent.computed_tokens += computed
         self.metrics.tokens.labels("reused").inc(reused)
         self.metrics.cache_hits.labels("hit" if reused > 0 else "miss").inc()
-        seq.handle.deliver(Started(agent.id, len(req.tokens), reused, seq.created_agent))
+        seq.handle.deliver(Started(agent.id, len(req.tokens), reused, seq.created_agent, seq.diverged_from))
 
     def ensure_decode_room(self, seq: Sequence) -> None:
         assert seq.agent_id is not None

@@ -67,6 +67,9 @@ class Sequence:
     created_agent: bool = False
     load: PendingLoad | None = None
     cached: int = 0  # prompt tokens reused from the cache at admission
+    # When the agent's cache held tokens this prompt does not continue: how many it held (the
+    # prompt diverged from them at `cached`), for the client to see why a turn missed the cache.
+    diverged_from: int | None = None
     preempted: bool = False  # resumes from its own file: its prompt is every token so far
     # Prefill and decode
     prompt: list[int] = field(default_factory=list)  # the tokens its cache must hold before decoding

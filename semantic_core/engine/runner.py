@@ -110,7 +110,7 @@ class Runner:
             [list(s.prompt[:-1]) for s in seqs],
             [self.sampler(s.request) for s in seqs],
             self._sampler((0.0, 1.0, 0, 0.0)),
-            [self.processors(s.request) for s in seqs],
+            [self._all_processors(s.request) for s in seqs],
             [self._eos for _ in seqs],
             [max(s.max_tokens - len(s.generated), 1) for s in seqs],
         )
@@ -169,6 +169,14 @@ class Runner:
             temp, top_p, top_k, min_p = key
             self._samplers[key] = make_sampler(temp=temp, top_p=top_p if top_p < 1.0 else 0.0, top_k=top_k, min_p=min_p)
         return self._samplers[key]
+
+    def _all_processors(self, request: GenerationRequest) -> list[Any]:
+        """The shared processors, and a grammar's own copy for this sequence: it is made at every
+        join, and replays what the sequence generated before (a preempted one resumes mid-answer)."""
+        shared = self.processors(request)
+        if request.constraint is None:
+            return shared
+        return [*shared, request.constraint.processor(len(request.tokens))]
 
     def processors(self, request: GenerationRequest) -> list[Any]:
         """mlx-lm's logits processors for the request (a repetition penalty), shared per setting."""

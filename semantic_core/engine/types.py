@@ -34,6 +34,8 @@ class GenerationRequest:
     request_id: str | None = None
     # When the prompt ends inside an assistant turn (a prefill), the answer continues that text.
     continues_text: str = ""
+    # A compiled grammar (`constraints.Constraint`) the answer must follow: a tool call, a JSON schema.
+    constraint: Any = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ class Started:
     prompt_tokens: int
     cached_tokens: int
     created_agent: bool
+    # Set when the agent's cache held this many tokens and the prompt left them at `cached_tokens`
+    # (an edited or re-rendered history): the turn recomputed from there.
+    diverged_from: int | None = None
 
 
 @dataclass(frozen=True)

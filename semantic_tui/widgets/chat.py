@@ -33,14 +33,14 @@ class ChatMessage(Vertical):
         bar.update(total=total, progress=done)
         self.query_one(".stats", Static).update(f"reading the prompt: {done}/{total} tokens")
 
-    def finish(self, result: GenerationResult) -> None:
+    def finish(self, result: GenerationResult, cache_miss: str | None = None) -> None:
         self.query_one(ProgressBar).add_class("hidden")
-        self.query_one(".stats", Static).update(describe(result))
+        self.query_one(".stats", Static).update(describe(result, cache_miss))
 
 
-def describe(result: GenerationResult) -> str:
+def describe(result: GenerationResult, cache_miss: str | None = None) -> str:
     u = result.usage
-    return stats_line(
+    line = stats_line(
         result.time_to_first_token,
         result.decode_tokens_per_second,
         u.output_tokens,
@@ -49,6 +49,13 @@ def describe(result: GenerationResult) -> str:
         result.stop_reason,
         result.stop_sequence,
     )
+    if cache_miss:  # "message=2; block=7; token=507; cached=543"
+        fields = dict(part.split("=", 1) for part in cache_miss.split("; "))
+        line += (
+            f" · [yellow]cache left at message {fields.get('message')}, token {fields.get('token')} "
+            f"of {fields.get('cached')} cached[/]"
+        )
+    return line
 
 
 def stats_line(
