@@ -180,6 +180,9 @@ def test_truncated_file_is_quarantined_at_startup(engine_factory, tmp_path):
     first.stop()
     path = tmp_path / "t" / "agents" / "cut.safetensors"
     path.write_bytes(path.read_bytes()[:20])
+    # The file alone: a turn journal left behind (its removal races with shutdown) would recover the
+    # conversation, and the agent would rightly be cold rather than damaged.
+    disk.journal_path(tmp_path / "t" / "agents", "cut").unlink(missing_ok=True)
     second = engine_factory(agent_cache_dir=tmp_path / "t")
     listed = {a.id: a for a in second.list_agents()}
     assert listed["cut"].tier == "damaged"
