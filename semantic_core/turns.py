@@ -21,6 +21,7 @@ and instruction prompts, scored for the right answer and against degenerate repe
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -302,12 +303,23 @@ class TurnService:
         where: int | str = "system"
         cursor = 0  # where the text of the message before ends
         for i, message in enumerate(turn.messages):
-            # The text of a message: its content, or its first call's name when it only calls.
-            calls = message.get("tool_calls") or [{}]
-            content = str(message.get("content") or "") or str(calls[0].get("function", {}).get("name") or "")
-            found = prompt.text.find(content, cursor) if content else -1
-            end = found + len(content) if found != -1 else cursor
-            where = "system" if i == 0 and found != -1 and at < found else i
+            # The text of a message: its content, then each call's name and arguments.
+            pieces = [str(message.get("content") or "")]
+            for call in message.get("tool_calls") or ():
+                fn = call.get("function", call)
+                pieces += [str(fn.get("name") or ""), json.dumps(fn.get("arguments") or {}, ensure_ascii=False)]
+            found, end = -1, cursor
+            for piece in (p for p in pieces if p):
+                at_piece = prompt.text.find(piece, end)
+                if at_piece != -1:
+                    found = at_piece if found == -1 else found
+                    end = at_piece + len(piece)
+            if found != -1 and at < found:
+                # Between two messages' texts: the end of the one before (its closing tokens, or
+                # what the model wrote after its answer) or this one's header.
+                where = "system" if i == 0 else i - 1
+                break
+            where = i
             if at < end:
                 break
             cursor = end

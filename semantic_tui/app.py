@@ -137,6 +137,7 @@ class SemanticApp(App[None]):
         self.clock = clock
         self.export_dir = export_dir or Path.cwd()
         self.current: str | None = None
+        self._opening: object | None = None  # the latest open_agent call: older ones drop their result
         self.handles: dict[str, RequestHandle] = {}
         self.logs = LogLines()
         self._requests_seen = 0.0
@@ -253,10 +254,15 @@ class SemanticApp(App[None]):
 
     async def open_agent(self, agent_id: str) -> None:
         self.current = agent_id
+        self._opening = opening = object()
         try:
             info, history = await asyncio.to_thread(self.engine.get_agent, agent_id)
         except SemanticError as exc:
             self.notify(exc.message, title="Agent", severity="error")
+            return
+        if self._opening is not opening:
+            # Another agent was opened while this one was read (a click during start-up's own
+            # opening of the last agent): showing this one now would put it under the other's name.
             return
         where = (
             "in memory"
