@@ -11,10 +11,19 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,kernels]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+# The CPU kernels (quantized matmul for MLX's CPU backend), built against the installed mlx. Without
+# cmake or a compiler the build fails with a warning and the engine runs dense float32 weights.
+KSTAMP := $(VENV)/.kernels
+$(KSTAMP): $(STAMP) kernels/CMakeLists.txt $(wildcard kernels/src/*)
+	@$(BIN)/python kernels/build.py >$(VENV)/kernels-build.log 2>&1 && echo "CPU kernels built" || \
+	  { rm -f semantic_kernels/_ext*.so; \
+	    echo "warning: the CPU kernels could not be built (see $(VENV)/kernels-build.log): dense float32 weights on CPU"; }
+	@touch $(KSTAMP)
+
+setup: $(STAMP) $(KSTAMP)
 
 model: setup
 	$(BIN)/semantic models pull

@@ -59,13 +59,23 @@ MODELS = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct")
 # Workers: one process per side, one JSON line per request on stdin, one JSON line back -------------------
 
 
+def _rss_mb() -> float:
+    """Resident memory of this worker now, in MB (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
 def _serve(handle: Any, ready: dict[str, Any]) -> None:
-    print(_MARK + json.dumps(ready), flush=True)
+    print(_MARK + json.dumps({**ready, "rss_mb": _rss_mb()}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd.get("quit"):
             break
-        print(_MARK + json.dumps(handle(cmd)), flush=True)
+        print(_MARK + json.dumps({**handle(cmd), "rss_mb": _rss_mb()}), flush=True)
 
 
 def mlx_lm_worker(model_dir: str) -> None:
@@ -180,16 +190,28 @@ def ours_worker(alias: str) -> None:
 
         try:
             assert engine.info is not None
-            ready = {"model": model_facts(engine.info), "weights": engine.info.weights, "blas": engine.info.blas}
+            ready = {
+                "model": model_facts(engine.info),
+                "weights": engine.info.weights,
+                "blas": engine.info.blas,
+                "kernels": engine.info.kernels,
+            }
             _serve(handle, ready)
         finally:
             engine.stop(save=False)
 
 
 class Worker:
-    def __init__(self, python: str, flag: str, arg: str) -> None:
+    def __init__(self, python: str, flag: str, arg: str, env: dict[str, str] | None = None) -> None:
         cmd = [python, str(Path(__file__).resolve()), flag, arg]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env={**os.environ, **(env or {})},
+        )
         self.ready = self._read()
 
     def _read(self) -> dict[str, Any]:
@@ -228,6 +250,8 @@ def measure(alias: str, args: argparse.Namespace, llama_py: Path | None) -> dict
     progress(f"{alias}: starting the workers")
     sides: dict[str, Worker] = {"ours": Worker(sys.executable, "--ours-worker", alias)}
     try:
+        if args.dense:  # our engine as it was before the CPU kernels: dense float32 weights
+            sides["ours, dense"] = Worker(sys.executable, "--ours-worker", alias, env={"SEMANTIC_MLX_WEIGHTS": "dense"})
         sides["mlx-lm"] = Worker(sys.executable, "--mlx-lm-worker", str(model_dir))
         if llama_py is not None:
             sides["llama.cpp"] = Worker(str(llama_py), "--llamacpp-worker", str(bench_gguf(alias)))
@@ -248,7 +272,8 @@ def measure(alias: str, args: argparse.Namespace, llama_py: Path | None) -> dict
         for side in sides.values():
             side.close()
     best = {
-        name: {key: max(r[key] for r in rs) for key in ("prompt_tps", "generation_tps")} for name, rs in runs.items()
+        name: {key: max(r[key] for r in rs) for key in ("prompt_tps", "generation_tps", "rss_mb")}
+        for name, rs in runs.items()
     }
     ours_tokens = runs["ours"][0]["tokens"]
     agree = None
@@ -273,6 +298,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, help="tokens generated (default 128; 8 with --quick)")
     parser.add_argument("--reps", type=int, help="runs of ours and llama.cpp (default 2; 1 with --quick)")
     parser.add_argument("--mlx-lm-reps", type=int, default=1, help="runs of mlx-lm (default 1: it is slow on CPU)")
+    parser.add_argument(
+        "--no-dense", dest="dense", action="store_false", help="leave out our engine with dense float32 weights"
+    )
     parser.add_argument("--llamacpp-venv", type=Path, default=DEFAULT_LLAMACPP_VENV)
     parser.add_argument("--setup", action="store_true", help="create the llama-cpp-python virtualenv, then exit")
     parser.add_argument("--llamacpp-spec", default=DEFAULT_LLAMACPP_SPEC, help="pip requirement (or wheel) for --setup")
@@ -307,29 +335,49 @@ def main() -> None:
     results = [measure(alias, args, llama_py) for alias in aliases]
     rows = []
     for r in results:
-        b = best = r["best"]
+        b = r["best"]
         for kind, key in (("prefill", "prompt_tps"), ("decode", "generation_tps")):
-            lc = best.get("llama.cpp", {}).get(key)
+            lc = b.get("llama.cpp", {}).get(key)
+            dense = b.get("ours, dense", {}).get(key)
             rows.append(
                 [
                     r["alias"],
                     kind,
                     fmt(b["ours"][key]),
+                    fmt(dense) if dense else "-",
                     fmt(b["mlx-lm"][key]),
                     fmt(lc) if lc else "-",
+                    fmt_x(ratio(b["ours"][key], dense)) if dense else "-",
                     fmt_x(ratio(b["ours"][key], b["mlx-lm"][key])),
                     fmt_x(ratio(b["ours"][key], lc)) if lc else "-",
                 ]
             )
+        rows.append(
+            [r["alias"], "memory MB"]
+            + [fmt(b[n]["rss_mb"]) if n in b else "-" for n in ("ours", "ours, dense", "mlx-lm", "llama.cpp")]
+            + ["", "", ""]
+        )
     report.table(
         f"tokens/s, best of {args.reps} run(s) ({args.mlx_lm_reps} of mlx-lm); a ~{args.prompt_tokens}-token prompt, "
-        f"{args.max_tokens} tokens generated, greedy",
-        ["model", "phase", "ours", "mlx-lm", "llama.cpp", "ours / mlx-lm", "ours / llama.cpp"],
+        f"{args.max_tokens} tokens generated, greedy; memory: each process's peak resident set over its runs",
+        [
+            "model",
+            "phase",
+            "ours",
+            "ours, dense",
+            "mlx-lm",
+            "llama.cpp",
+            "ours / dense",
+            "ours / mlx-lm",
+            "ours / llama.cpp",
+        ],
         rows,
     )
     for r in results:
         ready = r["ready"]
-        report.note(f"{r['alias']}: ours {ready['ours']['weights']}, BLAS {ready['ours']['blas']}.")
+        report.note(
+            f"{r['alias']}: ours {ready['ours']['weights']}, {ready['ours']['kernels']}; BLAS {ready['ours']['blas']}."
+        )
         report.note(f"{r['alias']}: mlx-lm {ready['mlx-lm']['weights']}, on {ready['mlx-lm']['device']}.")
         if "llama.cpp" in ready:
             report.note(

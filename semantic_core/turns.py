@@ -315,9 +315,13 @@ class TurnService:
                     found = at_piece if found == -1 else found
                     end = at_piece + len(piece)
             if found != -1 and at < found:
-                # Between two messages' texts: the end of the one before (its closing tokens, or
-                # what the model wrote after its answer) or this one's header.
-                where = "system" if i == 0 else i - 1
+                # Between two messages' texts: past this one's role header (its first tokens, as
+                # the model wrote them), or before it (the end of the one before, or what the
+                # model wrote after its answer).
+                gap = prompt.text[cursor:found]
+                roles = {str(message.get("role"))} | ({"user"} if message.get("role") == "tool" else set())
+                header = max((gap.rfind(role) for role in roles), default=-1)
+                where = i if header != -1 and at >= cursor + header else ("system" if i == 0 else i - 1)
                 break
             where = i
             if at < end:

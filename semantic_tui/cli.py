@@ -94,10 +94,15 @@ def config(
 
 def _runtime_facts() -> dict[str, Any]:
     from semantic_core.model.blas import blas_info
-    from semantic_core.model.loader import device_description
+    from semantic_core.model.loader import cpu_kernels_status, device_description
 
     info = blas_info()
-    return {"device": device_description(), "blas": str(info), "blas_library": info.path or "-"}
+    return {
+        "device": device_description(),
+        "blas": str(info),
+        "blas_library": info.path or "-",
+        "cpu_kernels": cpu_kernels_status(),
+    }
 
 
 # models --------------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 quantized weights for the device, and describe the model (KV geometry, fingerprint) for the rest of
 the core.
 
-On CPU the quantized matmul kernels are slower than dense float32 with a good BLAS (measured by
-`benchmarks/engine_speed.py`), so `auto` dequantizes to float32 there; on Metal and CUDA the
-quantized weights stay.
+On CPU, MLX's own quantized matmul is slower than dense float32 with a good BLAS, so `auto` keeps the
+quantized weights there only when the CPU kernels (`semantic_kernels`, built by `make setup`) are
+present, and dequantizes to float32 otherwise; on Metal and CUDA the quantized weights stay.
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ from semantic_core.model.blas import blas_info
 from semantic_core.model.gguf_import import Progress
 from semantic_core.model.kv import CacheSpec
 from semantic_core.model.registry import ResolvedModel, resolve
+from semantic_core.observability import get_logger
 
 _FULL_HASH_LIMIT = 1 << 30  # hash every byte of weights up to 1 GiB, sample beyond
+
+log = get_logger("semantic.models")
 
 
 @dataclass(frozen=True)
@@ -122,8 +125,19 @@ def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto", numpy_
 
     device = device_description()
     quantized = "quantization" in config
-    # Half precision and quantized kernels are both slow on CPU; float32 with a good BLAS is not.
-    if weights_mode == "dense" or (weights_mode == "auto" and device == "cpu"):
+    kernels = "mlx"
+    # On CPU, MLX's own quantized matmul is a scalar loop: quantized weights are fast there only
+    # through semantic_kernels (built at set-up). Without them, float32 with a good BLAS is faster.
+    cpu_kernels = _cpu_kernels() if device == "cpu" and quantized and weights_mode != "dense" else None
+    if device == "cpu" and quantized and weights_mode == "quantized" and cpu_kernels is None:
+        log.warning("SEMANTIC_MLX_WEIGHTS=quantized without the CPU kernels: MLX's slow quantized matmul is used")
+    if cpu_kernels is not None:
+        _widen_scales(model)
+        patched = cpu_kernels.nn.patch_model(model)
+        mx.eval(model.parameters())
+        weights = _describe_quant(config)
+        kernels = f"semantic_kernels ({cpu_kernels.resolved_path()}, {patched} layers)"
+    elif weights_mode == "dense" or (weights_mode == "auto" and device == "cpu"):
         if quantized:
             _widen_scales(model)
             model = dequantize_model(model)
@@ -133,14 +147,17 @@ def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto", numpy_
     else:
         weights = _describe_quant(config) if quantized else f"dense {_param_dtype(model)}"
 
-    kernels = "mlx"
     if device == "cpu" and numpy_exp:
         from semantic_core.model import cpu_ops
 
         replaced = cpu_ops.install(model)
         if replaced:
-            kernels = "mlx, with NumPy exponentials in " + " and ".join(
-                {"scaled_dot_product_attention": "prompt attention", "swiglu": "SwiGLU"}[n] for n in replaced
+            kernels = (
+                ("mlx" if kernels == "mlx" else kernels)
+                + ", with NumPy exponentials in "
+                + " and ".join(
+                    {"scaled_dot_product_attention": "prompt attention", "swiglu": "SwiGLU"}[n] for n in replaced
+                )
             )
 
     # One token through a fresh cache tells the KV layout whatever the architecture says.
@@ -295,3 +312,35 @@ def _leaves(tree: Any) -> list[tuple[str, Any]]:
 
     leaves: Any = tree_flatten(tree)
     return list(leaves)
+
+
+_KERNELS_WARNED = False
+
+
+def _cpu_kernels() -> Any:
+    """The semantic_kernels package when its extension was built for this mlx (make setup builds
+    it), else None, with one warning line saying what runs instead."""
+    global _KERNELS_WARNED
+    try:
+        import semantic_kernels
+        import semantic_kernels.nn
+    except ImportError as exc:
+        if not _KERNELS_WARNED:
+            _KERNELS_WARNED = True
+            log.warning(
+                "the CPU kernels are not built (run `make setup`, which needs cmake and a C++ compiler): "
+                "quantized weights are dequantized to float32 instead",
+                reason=str(exc)[:200],
+            )
+        return None
+    return semantic_kernels
+
+
+def cpu_kernels_status() -> str:
+    """What quantized matmuls run on the CPU: the kernels' path, or why they do not."""
+    try:
+        import semantic_kernels
+    except ImportError as exc:
+        return f"not built ({exc}); quantized weights are dequantized to float32 on CPU"
+    paths = ", ".join(semantic_kernels.available_paths())
+    return f"semantic_kernels, path {semantic_kernels.resolved_path()} (of {paths})"
