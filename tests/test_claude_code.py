@@ -4,6 +4,7 @@ cached prompt prefix of the first (its system prompt and tools)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -58,9 +59,13 @@ def claude(server_url: str, home: Path, cwd: Path, prompt: str) -> tuple[dict, f
 @pytest.mark.skipif(
     not CLAUDE.exists(), reason="Claude Code is not installed: `make tools` installs it with npm (npm is needed)"
 )
-def test_claude_code_writes_the_file_and_a_second_session_hits_the_cache(server_factory, qwen_loaded, tmp_path, capsys):
+def test_claude_code_writes_the_file_and_a_second_session_hits_the_cache(server_factory, qwen_loaded, capsys, request):
     # Greedy (the settings' default) rather than Qwen's own sampling defaults: the same every run.
     server = server_factory(loaded=qwen_loaded, server_max_output_tokens=CAP, mlx_model_sampling=False)
+    # The paths are fixed, so two suites on one machine take turns here.
+    lock = open(f"{ROOT}.lock", "w")  # noqa: SIM115 (held for the whole test)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    request.addfinalizer(lock.close)
     shutil.rmtree(ROOT, ignore_errors=True)
     home = ROOT / "home"
     home.mkdir(parents=True)
