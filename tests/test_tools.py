@@ -191,6 +191,12 @@ def test_error_results_and_text_lists_are_accepted(claude):
     ]
     r = claude.messages.create(model="tiny-tools", max_tokens=5, tools=[WEATHER], messages=convo, extra_body=GREEDY)
     assert r.usage.cache_read_input_tokens > 0
+    # is_error reaches the model ("Error: " before the result), not only the validation.
+    plain = [{**result, "is_error": False} for result in results]
+    ok_convo = [*convo[:2], {"role": "user", "content": [*plain, {"type": "text", "text": "try again"}]}]
+    counted = claude.messages.count_tokens(model="tiny-tools", tools=[WEATHER], messages=convo).input_tokens
+    counted_ok = claude.messages.count_tokens(model="tiny-tools", tools=[WEATHER], messages=ok_convo).input_tokens
+    assert counted > counted_ok
 
 
 def test_tool_choice_none_never_calls(claude):
@@ -203,6 +209,31 @@ def test_tool_choice_none_never_calls(claude):
         extra_body=GREEDY,
     )
     assert all(b.type == "text" for b in r.content) and "<tool_call>" not in r.content[0].text
+
+
+def test_the_none_grammar_masks_the_call_tag_and_auto_allows_it(tiny_tools_loaded):
+    # Noise seldom samples the tag in a short answer, so hold the grammar itself to it.
+    import numpy as np
+
+    from semantic_core.engine.constraints import Grammars
+    from semantic_core.model.tools import ToolFormat, ToolSpec, tool_grammar
+
+    tok = tiny_tools_loaded.tokenizer
+    fmt = ToolFormat.of(tok)
+    vocab = tiny_tools_loaded.info.vocab_size
+    grammars = Grammars(tok, vocab, sorted(tok.eos_token_ids))
+    tools = [ToolSpec(WEATHER["name"], WEATHER["description"], WEATHER["input_schema"])]
+
+    def allowed(choice: str) -> set[int]:
+        matcher = grammars.compile(tool_grammar(fmt, tools, choice), choice).matcher.deep_copy()
+        mask = np.zeros(((vocab + 31) // 32,), dtype=np.int32)
+        matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+        bits = np.unpackbits(mask.view(np.uint8), bitorder="little")[:vocab]
+        return set(np.nonzero(bits)[0].tolist())
+
+    assert fmt.start_token not in allowed("none")
+    assert fmt.start_token in allowed("auto")
+    assert allowed("any") == {fmt.start_token}
 
 
 def test_structured_output_is_json_of_the_schema(claude):

@@ -103,22 +103,9 @@ async def create_message(
         response_schema=output.schema_ if output else None,
         strict_context=True,
     )
-    started = await service.start(turn)
-    if started.tools.ignored:
-        headers["x-semantic-warning"] = started.tools.ignored
-        service.note_once("tools-ignored", started.tools.ignored)
+    started, events, first = await begin_turn(service, turn, headers)
     handle = started.handle
-    events = handle.__aiter__()
-    try:
-        first = await events.__anext__()
-    except BaseException:
-        handle.cancel()
-        raise
-    if isinstance(first, Failed):
-        raise first.error
-    assert isinstance(first, Started)
     message_id = f"msg_{secrets.token_hex(12)}"
-    headers.update(turn_headers(service, turn, started, first))
     model = engine.info.model_id  # type: ignore[union-attr]
     if not body.stream:
         return await _complete(request, handle, events, message_id, model, headers, started.tools)
@@ -187,14 +174,39 @@ async def collect(request: Request, handle: RequestHandle, events: AsyncIterator
     return result
 
 
-def turn_headers(service: TurnService, turn: Turn, started: TurnStarted, first: Started) -> dict[str, str]:
-    """The agent that answers, and where the prompt left its cache when it did (why it missed)."""
-    headers = {"x-agent-id": first.agent_id}
+async def begin_turn(
+    service: TurnService, turn: Turn, headers: dict[str, str]
+) -> tuple[TurnStarted, AsyncIterator[Any], Started]:
+    """Start the turn (both APIs) and wait for the engine's Started event, before any response is
+    sent, so errors up to admission are plain HTTP errors. `headers` gains the agent that answers,
+    where the prompt left its cache when it did (why it missed), and any warning."""
+    started = await service.start(turn)
+    if started.tools.ignored:
+        headers["x-semantic-warning"] = started.tools.ignored
+        service.note_once("tools-ignored", started.tools.ignored)
+    events = started.handle.__aiter__()
+    try:
+        first = await events.__anext__()
+    except BaseException:
+        started.handle.cancel()
+        raise
+    if isinstance(first, Failed):
+        raise first.error
+    assert isinstance(first, Started)
+    headers["x-agent-id"] = first.agent_id
     if first.diverged_from is not None:
         headers["x-semantic-cache-miss"] = service.divergence(
             turn, started.prompt, first.cached_tokens, first.diverged_from
         )
-    return headers
+    return started, events, first
+
+
+def stream_error(err: Exception) -> tuple[str, str]:
+    """An error after a stream started, as (error type, message) for the stream's error event."""
+    if isinstance(err, SemanticError):
+        return status_and_kind(err)[1], err.message
+    log.error("generation failed mid-stream", error=repr(err))
+    return "api_error", "generation failed"
 
 
 def cap_max_tokens(engine: Engine, asked: int) -> tuple[int, dict[str, str]]:
@@ -282,12 +294,7 @@ async def _stream(
                 yield _event("message_stop", {"type": "message_stop"})
                 return
             elif isinstance(event, Failed):
-                err = event.error
-                if isinstance(err, SemanticError):
-                    kind, message = status_and_kind(err)[1], err.message
-                else:
-                    kind, message = "api_error", "generation failed"
-                    log.error("generation failed mid-stream", error=repr(err))
+                kind, message = stream_error(event.error)
                 yield _event("error", {"type": "error", "error": {"type": kind, "message": message}})
                 return
     finally:

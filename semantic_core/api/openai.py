@@ -19,13 +19,12 @@ from pydantic import Field, StrictInt
 from sse_starlette import EventSourceResponse
 
 from semantic_core.api.deps import ready_engine, request_id, turns
-from semantic_core.api.errors import status_and_kind
-from semantic_core.api.messages import cap_max_tokens, check_model, collect, turn_headers
+from semantic_core.api.messages import begin_turn, cap_max_tokens, check_model, collect, stream_error
 from semantic_core.api.schemas import _Lenient, _Request
 from semantic_core.engine.engine import Engine
-from semantic_core.engine.types import Failed, Finished, GenerationResult, Started, TextDelta
-from semantic_core.errors import InvalidRequest, SemanticError
-from semantic_core.model.tools import CallStream, ParsedAnswer, ToolCall, ToolSpec, parse_calls
+from semantic_core.engine.types import Failed, Finished, GenerationResult, TextDelta
+from semantic_core.errors import InvalidRequest
+from semantic_core.model.tools import CallStream, ParsedAnswer, ToolCall, ToolChoice, ToolSpec, parse_calls
 from semantic_core.observability import get_logger
 from semantic_core.turns import ToolPlan, Turn, TurnService
 
@@ -178,13 +177,14 @@ def _schema(fmt: ResponseFormat | None) -> dict[str, Any] | None:
     return fmt.json_schema.schema_ if fmt.json_schema else {"type": "object"}
 
 
-def _choice(body: ChatRequest) -> tuple[str, str | None]:
+def _choice(body: ChatRequest) -> tuple[ToolChoice, str | None]:
     choice = body.tool_choice
     if choice is None:
         return "auto", None
     if isinstance(choice, NamedChoice):
         return "tool", choice.function.name
-    return {"auto": "auto", "none": "none", "required": "any"}[choice], None
+    named: dict[str, ToolChoice] = {"auto": "auto", "none": "none", "required": "any"}
+    return named[choice], None
 
 
 @router.post("/v1/chat/completions")
@@ -215,27 +215,14 @@ async def chat_completions(
         stop_sequences=stops,
         request_id=request_id(request),
         tools=tools,
-        tool_choice=choice,  # type: ignore[arg-type]
+        tool_choice=choice,
         tool_name=name,
         parallel_tool_calls=body.parallel_tool_calls,
         response_schema=_schema(body.response_format),
         strict_context=True,
     )
-    started = await service.start(turn)
-    if started.tools.ignored:
-        headers["x-semantic-warning"] = started.tools.ignored
-        service.note_once("tools-ignored", started.tools.ignored)
+    started, events, _ = await begin_turn(service, turn, headers)
     handle = started.handle
-    events = handle.__aiter__()
-    try:
-        first = await events.__anext__()
-    except BaseException:
-        handle.cancel()
-        raise
-    if isinstance(first, Failed):
-        raise first.error
-    assert isinstance(first, Started)
-    headers.update(turn_headers(service, turn, started, first))
     completion = f"chatcmpl-{secrets.token_hex(12)}"
     model = engine.info.model_id  # type: ignore[union-attr]
     plan = started.tools
@@ -352,12 +339,7 @@ async def _stream(
                 yield {"data": "[DONE]"}
                 return
             elif isinstance(event, Failed):
-                err = event.error
-                if isinstance(err, SemanticError):
-                    kind, message = status_and_kind(err)[1], err.message
-                else:
-                    kind, message = "api_error", "generation failed"
-                    log.error("generation failed mid-stream", error=repr(err))
+                kind, message = stream_error(event.error)
                 yield {"data": json.dumps({"error": {"message": message, "type": kind, "param": None, "code": kind}})}
                 return
     finally:

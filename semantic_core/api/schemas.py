@@ -329,9 +329,7 @@ def to_chat(
                 )
             else:
                 texts.append(block)
-        text = _text_of(texts, where) if texts else ""
-        if isinstance(m.content, str):
-            text = m.content
+        text = m.content if isinstance(m.content, str) else _text_of(texts, where)
         if m.role == "system":
             if text:
                 system_parts.append(text)

@@ -60,6 +60,7 @@ class GrammarProcessor:
         self.what = what
         self.failed: str | None = None
         self._mask = np.zeros(((vocab_size + 31) // 32,), dtype=np.int32)
+        self._shifts: Any = None  # made on the first call: on the engine's thread, whose MLX stream it uses
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
         import mlx.core as mx
@@ -76,9 +77,9 @@ class GrammarProcessor:
         if self.failed is not None:
             return logits
         self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
-        # Arrays are made here, on the engine's thread: MLX streams belong to the thread that made them.
-        shifts = mx.arange(32, dtype=mx.uint32)
-        return _apply_mask(logits, mx.array(self._mask[None]), shifts)
+        if self._shifts is None:  # MLX streams belong to the thread that made an array
+            self._shifts = mx.arange(32, dtype=mx.uint32)
+        return _apply_mask(logits, mx.array(self._mask[None]), self._shifts)
 
 
 class Grammars:
