@@ -61,7 +61,7 @@ inline void tile_f4(const uint8_t* wr, const float* sbuf, const float* bbuf, con
   auto step = [&](int h, int u) __attribute__((always_inline)) {
     const int e = (h / 2) * 32;             // unit start
     const int off = (h & 1) * 8;            // 0 or 8 within the even / odd halves of the unit
-    const __m256 s = _mm256_set1_ps(sbuf[e / gs]), b = _mm256_set1_ps(bbuf[e / gs]);
+    const __m256 s = _mm256_set1_ps(sbuf[e >> __builtin_ctz((unsigned)gs)]), b = _mm256_set1_ps(bbuf[e >> __builtin_ctz((unsigned)gs)]);
     __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(wr + h * 8)));
     __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m15)), s, b);
     __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), s, b);
@@ -91,7 +91,7 @@ inline void tile_f8(const uint8_t* wr, const float* sbuf, const float* bbuf, con
   int t = 0;
   auto step = [&](int t, int u) __attribute__((always_inline)) {
     const int e = t * 8;
-    const __m256 s = _mm256_set1_ps(sbuf[e / gs]), b = _mm256_set1_ps(bbuf[e / gs]);
+    const __m256 s = _mm256_set1_ps(sbuf[e >> __builtin_ctz((unsigned)gs)]), b = _mm256_set1_ps(bbuf[e >> __builtin_ctz((unsigned)gs)]);
     __m256 w = _mm256_fmadd_ps(
         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(wr + e)))), s, b);
     for (int m = 0; m < MT; ++m) acc[u][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xf + m * K + e), acc[u][m]);
@@ -230,7 +230,7 @@ void dequant(const QWeights& q, float* out, int n0, int n1) {
     float* o = out + (int64_t)n * K;
     if (q.bits == 4) {
       for (int e = 0; e < K; e += 32) {
-        const __m256 s = _mm256_set1_ps(sbuf[e / gs]), b = _mm256_set1_ps(bbuf[e / gs]);
+        const __m256 s = _mm256_set1_ps(sbuf[e >> __builtin_ctz((unsigned)gs)]), b = _mm256_set1_ps(bbuf[e >> __builtin_ctz((unsigned)gs)]);
         __m128i v = _mm_loadu_si128((const __m128i*)(wr + e / 2));
         __m128i lo = _mm_and_si128(v, m0f), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m0f);
         __m128i a = _mm_unpacklo_epi8(lo, hi), c = _mm_unpackhi_epi8(lo, hi);
@@ -243,7 +243,7 @@ void dequant(const QWeights& q, float* out, int n0, int n1) {
       }
     } else {
       for (int e = 0; e < K; e += 8) {
-        const __m256 s = _mm256_set1_ps(sbuf[e / gs]), b = _mm256_set1_ps(bbuf[e / gs]);
+        const __m256 s = _mm256_set1_ps(sbuf[e >> __builtin_ctz((unsigned)gs)]), b = _mm256_set1_ps(bbuf[e >> __builtin_ctz((unsigned)gs)]);
         __m128i v = _mm_loadl_epi64((const __m128i*)(wr + e));
         _mm256_storeu_ps(o + e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), s, b));
       }

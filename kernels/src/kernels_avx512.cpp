@@ -57,7 +57,7 @@ inline void tile_f4(const uint8_t* wr, const float* sbuf, const float* bbuf, con
   for (; t + U <= units; t += U) {
     for (int u = 0; u < U; ++u) {
       const int e = (t + u) * 32;  // first element of the unit
-      const __m512 s = _mm512_set1_ps(sbuf[e / gs]), b = _mm512_set1_ps(bbuf[e / gs]);
+      const __m512 s = _mm512_set1_ps(sbuf[e >> __builtin_ctz((unsigned)gs)]), b = _mm512_set1_ps(bbuf[e >> __builtin_ctz((unsigned)gs)]);
       __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wr + e / 2)));
       __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, m15)), s, b);
       __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s, b);
@@ -70,7 +70,7 @@ inline void tile_f4(const uint8_t* wr, const float* sbuf, const float* bbuf, con
   }
   for (; t < units; ++t) {  // leftover units (fewer than U)
     const int e = t * 32;
-    const __m512 s = _mm512_set1_ps(sbuf[e / gs]), b = _mm512_set1_ps(bbuf[e / gs]);
+    const __m512 s = _mm512_set1_ps(sbuf[e >> __builtin_ctz((unsigned)gs)]), b = _mm512_set1_ps(bbuf[e >> __builtin_ctz((unsigned)gs)]);
     __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wr + e / 2)));
     __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, m15)), s, b);
     __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s, b);
@@ -98,7 +98,7 @@ inline void tile_f8(const uint8_t* wr, const float* sbuf, const float* bbuf, con
   for (; t + U <= units; t += U) {
     for (int u = 0; u < U; ++u) {
       const int e = (t + u) * 16;
-      const __m512 s = _mm512_set1_ps(sbuf[e / gs]), b = _mm512_set1_ps(bbuf[e / gs]);
+      const __m512 s = _mm512_set1_ps(sbuf[e >> __builtin_ctz((unsigned)gs)]), b = _mm512_set1_ps(bbuf[e >> __builtin_ctz((unsigned)gs)]);
       __m512 w = _mm512_fmadd_ps(
           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wr + e)))), s, b);
       for (int m = 0; m < MT; ++m) acc[u][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xf + m * K + e), acc[u][m]);
@@ -106,7 +106,7 @@ inline void tile_f8(const uint8_t* wr, const float* sbuf, const float* bbuf, con
   }
   for (; t < units; ++t) {
     const int e = t * 16;
-    const __m512 s = _mm512_set1_ps(sbuf[e / gs]), b = _mm512_set1_ps(bbuf[e / gs]);
+    const __m512 s = _mm512_set1_ps(sbuf[e >> __builtin_ctz((unsigned)gs)]), b = _mm512_set1_ps(bbuf[e >> __builtin_ctz((unsigned)gs)]);
     __m512 w = _mm512_fmadd_ps(
         _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wr + e)))), s, b);
     for (int m = 0; m < MT; ++m) acc[0][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xf + m * K + e), acc[0][m]);
@@ -265,7 +265,7 @@ void dequant(const QWeights& q, float* out, int n0, int n1) {
     float* o = out + (int64_t)n * K;
     if (q.bits == 4) {
       for (int e = 0; e < K; e += 32) {  // 16 bytes -> 32 floats, interleaving nibbles bytewise
-        const __m512 s = _mm512_set1_ps(sbuf[e / gs]), b = _mm512_set1_ps(bbuf[e / gs]);
+        const __m512 s = _mm512_set1_ps(sbuf[e >> __builtin_ctz((unsigned)gs)]), b = _mm512_set1_ps(bbuf[e >> __builtin_ctz((unsigned)gs)]);
         __m128i v = _mm_loadu_si128((const __m128i*)(wr + e / 2));
         __m128i lo = _mm_and_si128(v, m0f), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m0f);
         __m128i a = _mm_unpacklo_epi8(lo, hi), c = _mm_unpackhi_epi8(lo, hi);
@@ -274,7 +274,7 @@ void dequant(const QWeights& q, float* out, int n0, int n1) {
       }
     } else {
       for (int e = 0; e < K; e += 16) {
-        const __m512 s = _mm512_set1_ps(sbuf[e / gs]), b = _mm512_set1_ps(bbuf[e / gs]);
+        const __m512 s = _mm512_set1_ps(sbuf[e >> __builtin_ctz((unsigned)gs)]), b = _mm512_set1_ps(bbuf[e >> __builtin_ctz((unsigned)gs)]);
         __m128i v = _mm_loadu_si128((const __m128i*)(wr + e));
         _mm512_storeu_ps(o + e, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)), s, b));
       }

@@ -56,7 +56,7 @@ inline void tile_f(const uint8_t* wr, const float* sbuf, const float* bbuf, cons
   if (bits == 4) {
     const uint8x16_t m15 = vdupq_n_u8(15);
     for (int e = 0; e < K; e += 32) {  // one 32-element unit = 16 bytes: even elements low nibbles
-      const float32x4_t s = vdupq_n_f32(sbuf[e / gs]), b = vdupq_n_f32(bbuf[e / gs]);
+      const float32x4_t s = vdupq_n_f32(sbuf[e >> __builtin_ctz((unsigned)gs)]), b = vdupq_n_f32(bbuf[e >> __builtin_ctz((unsigned)gs)]);
       uint8x16_t v = vld1q_u8(wr + e / 2);
       float32x4_t lo[4], hi[4];
       u8_to_f32x4x4(vandq_u8(v, m15), lo);
@@ -75,7 +75,7 @@ inline void tile_f(const uint8_t* wr, const float* sbuf, const float* bbuf, cons
     }
   } else {
     for (int e = 0; e < K; e += 16) {
-      const float32x4_t s = vdupq_n_f32(sbuf[e / gs]), b = vdupq_n_f32(bbuf[e / gs]);
+      const float32x4_t s = vdupq_n_f32(sbuf[e >> __builtin_ctz((unsigned)gs)]), b = vdupq_n_f32(bbuf[e >> __builtin_ctz((unsigned)gs)]);
       float32x4_t w[4];
       u8_to_f32x4x4(vld1q_u8(wr + e), w);
       for (int j = 0; j < 4; ++j) w[j] = vfmaq_f32(b, w[j], s);
@@ -172,7 +172,7 @@ void dequant(const QWeights& q, float* out, int n0, int n1) {
     float* o = out + (int64_t)n * K;
     if (q.bits == 4) {
       for (int e = 0; e < K; e += 32) {
-        const float32x4_t s = vdupq_n_f32(sbuf[e / gs]), b = vdupq_n_f32(bbuf[e / gs]);
+        const float32x4_t s = vdupq_n_f32(sbuf[e >> __builtin_ctz((unsigned)gs)]), b = vdupq_n_f32(bbuf[e >> __builtin_ctz((unsigned)gs)]);
         uint8x16_t v = vld1q_u8(wr + e / 2);
         uint8x16x2_t z = vzipq_u8(vandq_u8(v, vdupq_n_u8(15)), vshrq_n_u8(v, 4));  // natural order
         float32x4_t f[4];
@@ -183,7 +183,7 @@ void dequant(const QWeights& q, float* out, int n0, int n1) {
       }
     } else {
       for (int e = 0; e < K; e += 16) {
-        const float32x4_t s = vdupq_n_f32(sbuf[e / gs]), b = vdupq_n_f32(bbuf[e / gs]);
+        const float32x4_t s = vdupq_n_f32(sbuf[e >> __builtin_ctz((unsigned)gs)]), b = vdupq_n_f32(bbuf[e >> __builtin_ctz((unsigned)gs)]);
         float32x4_t f[4];
         u8_to_f32x4x4(vld1q_u8(wr + e), f);
         for (int j = 0; j < 4; ++j) vst1q_f32(o + e + 4 * j, vfmaq_f32(b, f[j], s));
