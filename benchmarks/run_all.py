@@ -24,7 +24,16 @@ from typing import Any
 
 from _common import BENCH_DIR, machine, make_parser
 
-SCRIPTS = ["blas_choice", "cpu_ops", "engine_speed", "resume_ttft", "batch_scaling", "http_overhead", "soak"]
+SCRIPTS = [
+    "blas_choice",
+    "cpu_ops",
+    "engine_speed",
+    "resume_ttft",
+    "batch_scaling",
+    "kv_quant",
+    "http_overhead",
+    "soak",
+]
 SERVERS_SCRIPT = "multi_agent_vs_servers"
 
 

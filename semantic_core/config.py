@@ -18,6 +18,7 @@ DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "PRODUCTION"]
 WeightsMode = Literal["auto", "dense", "quantized"]
 BlasChoice = Literal["auto", "openblas", "mkl", "reference"]
+KVBits = Literal["auto", "none", "8", "4"]
 BLAS_ENV = "SEMANTIC_MLX_BLAS"
 
 
@@ -126,6 +127,14 @@ class Settings(BaseSettings):
     mlx_blas_prefill_threads: int = Field(
         0, ge=0, description="CPU BLAS threads during prefill (0: one per core but one)."
     )
+    mlx_kv_bits: KVBits = Field(
+        "auto",
+        description=(
+            "KV cache precision in memory and on disk: none (the model's dtype), 8 or 4 bits; auto: the "
+            "model's measured recommendation (benchmarks/kv_quant.py)."
+        ),
+    )
+    mlx_kv_group_size: int = Field(64, description="Values per scale of a quantized KV cache: 32, 64 or 128.")
     mlx_numpy_exp: bool = Field(
         True, description="On CPU, exponentials of prompt attention and SwiGLU by NumPy (MLX's are slow there)."
     )
@@ -163,6 +172,18 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("mlx_kv_bits", mode="before")
+    @classmethod
+    def _kv_bits(cls, value: Any) -> Any:
+        return str(value).strip().lower() if isinstance(value, (str, int)) else value
+
+    @field_validator("mlx_kv_group_size")
+    @classmethod
+    def _kv_group(cls, value: int) -> int:
+        if value not in (32, 64, 128):
+            raise ValueError("must be 32, 64 or 128")
+        return value
 
     @field_validator("server_log_level", "mlx_weights", "mlx_blas", mode="before")
     @classmethod

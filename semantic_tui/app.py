@@ -533,7 +533,7 @@ class SemanticApp(App[None]):
                 ("BLAS", info.blas),
                 ("kernels", info.kernels),
                 ("context", f"{info.context_length} tokens"),
-                ("KV cache", f"{info.bytes_per_token:,} bytes per token ({info.kv_dtype})"),
+                ("KV cache", f"{info.bytes_per_token:,} bytes per token ({info.kv_description})"),
                 ("fingerprint", info.fingerprint),
                 ("loaded in", f"{info.load_seconds:.1f} s"),
             ]

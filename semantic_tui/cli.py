@@ -74,6 +74,7 @@ def config(
     settings = _settings()
     values = settings.public_dict()
     runtime = _runtime_facts()
+    runtime["kv_format"] = _kv_format(settings)
     if as_json:
         console.print_json(json.dumps({"settings": values, "runtime": runtime}, default=str))
         return
@@ -90,6 +91,14 @@ def config(
     for key, value in runtime.items():
         rt.add_row(key, str(value))
     console.print(rt)
+
+
+def _kv_format(settings: Any) -> str:
+    from semantic_core.model.loader import kv_format_for
+
+    fmt = kv_format_for(settings.mlx_model_id, settings.mlx_kv_bits, settings.mlx_kv_group_size)
+    chosen = "the model's recommendation" if settings.mlx_kv_bits == "auto" else "SEMANTIC_MLX_KV_BITS"
+    return f"{fmt.describe('the model dtype')} ({chosen})"
 
 
 def _runtime_facts() -> dict[str, Any]:

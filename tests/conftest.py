@@ -121,6 +121,16 @@ def real_loaded(real_model_dir: Path):
     return load_resolved(ResolvedModel("smollm2-135m-instruct", real_model_dir, "pypi"))
 
 
+@pytest.fixture(scope="session")
+def real_loaded_kv8(real_model_dir: Path):
+    """SmolLM2 with its KV cache held at 8 bits (SEMANTIC_MLX_KV_BITS=8, group 64)."""
+    from semantic_core.model import kv
+    from semantic_core.model.loader import load_resolved
+    from semantic_core.model.registry import ResolvedModel
+
+    return load_resolved(ResolvedModel("smollm2-135m-instruct", real_model_dir, "pypi"), kv_format=kv.KVFormat(8, 64))
+
+
 def make_settings(tmp_path: Path, **overrides) -> Settings:
     values = {"agent_cache_dir": tmp_path / "cache", "mlx_model_id": "unused-in-tests", **overrides}
     return Settings(_env_file=None, **values)  # never a .env file of the working directory

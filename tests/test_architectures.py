@@ -4,7 +4,9 @@ biases, an untied output layer) and gemma3 (sliding-window layers: rotating cach
 
 For each, whatever happens to an agent's cache between two turns (saved and reloaded after a
 restart, forked, found again by prefix, decoded in a batch with others, preempted to disk and
-resumed) the second turn's tokens are the ones an uninterrupted run gives.
+resumed) the second turn's tokens are the ones an uninterrupted run gives. The same holds with the
+KV cache quantized (SEMANTIC_MLX_KV_BITS): llama at 8 bits and gemma3 at 4 bits (its global layers
+quantized, its sliding-window layers not), through the batch cache for quantized layers.
 """
 
 from __future__ import annotations
@@ -20,14 +22,21 @@ FIRST = "Agents keep their context in a KV cache; the cache is saved to disk and
 SECOND = "What is the capital of France? Paris is the capital of France."
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
+# (architecture, KV bits): the quantized ones use wider heads (32 values, one group of 32).
+CASES = [*((arch, None) for arch in ARCHITECTURES), ("llama", 8), ("gemma3", 4)]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{a}-kv{b}" if b else a for a, b in CASES])
 def arch_loaded(request, tmp_path_factory):
+    from semantic_core.model import kv
     from semantic_core.model.loader import load_resolved
     from semantic_core.model.registry import ResolvedModel
 
-    arch = request.param
-    path = build_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch=arch, seed=3)
-    return arch, load_resolved(ResolvedModel(f"tiny-{arch}", path, "local-dir"))
+    arch, bits = request.param
+    hidden = 128 if bits else 64
+    path = build_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch=arch, seed=3, hidden=hidden)
+    fmt = kv.KVFormat(bits, 32) if bits else kv.UNQUANTIZED
+    return arch, load_resolved(ResolvedModel(f"tiny-{arch}", path, "local-dir"), kv_format=fmt)
 
 
 def request_for(engine, messages, **kw) -> GenerationRequest:
@@ -70,12 +79,13 @@ def reference(arch_loaded, engine_factory):
 def test_the_cache_kinds_are_the_architectures(arch_loaded):
     arch, loaded = arch_loaded
     kinds = loaded.info.cache_spec.kinds
+    plain = "QuantizedKVCache" if loaded.info.kv_format.quantized else "KVCache"
     if arch == "gemma3":
-        assert kinds == ["KVCache", "RotatingKVCache"]
+        assert kinds == sorted([plain, "RotatingKVCache"])
         windows = {layer.window for layer in loaded.info.cache_spec.layers if layer.window}
         assert windows == {SLIDING_WINDOW}
     else:
-        assert kinds == ["KVCache"]
+        assert kinds == [plain]
 
 
 def test_persist_and_resume_after_a_restart(arch_loaded, engine_factory, tmp_path, reference):

@@ -5,8 +5,11 @@ cut to what is valid (`layers.007.keys`, `layers.007.values`; a quantized layer 
 `keys.scales`, `keys.biases` ...), as the KV adapter (`semantic_core.model.kv`) lays them out, and, in
 the safetensors header's metadata, everything else:
 
-- `semantic.format`: format version ("2"; files of format "1", plain KV caches of float tensors
-  only, are still read);
+- `semantic.format`: format version ("3"; files of format "2", which do not name their KV format,
+  and "1", plain KV caches of float tensors only, are still read);
+- `semantic.kv_format`: how the KV is held ("none": the model's dtype; "q8g64": 8-bit codes with a
+  scale and bias per 64 values, ...), also part of the fingerprint, so a server keeping another KV
+  format refuses the file with a message that says so;
 - `semantic.layers`: per layer, its cache class and the scalars of its state (offset, window, ring
   index, quantization), as JSON;
 - `semantic.fingerprint` / `semantic.model_id`: the model the cache belongs to (weights, tokenizer,
@@ -55,8 +58,8 @@ from semantic_core.agents.record import AgentRecord, validate_agent_id
 from semantic_core.errors import ModelMismatch, StorageError
 from semantic_core.model import kv
 
-FORMAT_VERSION = "2"
-READABLE_FORMATS = ("1", "2")
+FORMAT_VERSION = "3"
+READABLE_FORMATS = ("1", "2", "3")
 SUFFIX = ".safetensors"
 JOURNAL_SUFFIX = ".turn.json"
 JOURNAL_FORMAT = 1
@@ -115,6 +118,7 @@ class AgentHeader:
     saved_at: float
     size_bytes: int
     format: str = FORMAT_VERSION
+    kv_format: str = "none"
     layers: list[dict[str, Any]] = field(default_factory=list)  # per layer: {"kind", "meta"}
     shapes: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # tensor -> (shape, dtype)
 
@@ -204,6 +208,7 @@ def write_agent_file(
             raise ValueError(f"a {state.kind} layer holds {state.meta.get('offset')} tokens, not {len(tokens)}")
     metadata = {
         "semantic.format": FORMAT_VERSION,
+        "semantic.kv_format": kv.format_tag([st.kind for st in states], [st.meta for st in states]),
         "semantic.layers": json.dumps([{"kind": st.kind, "meta": st.meta} for st in states], separators=(",", ":")),
         "semantic.fingerprint": fingerprint,
         "semantic.model_id": model_id,
@@ -351,6 +356,7 @@ def read_header(path: Path) -> AgentHeader:
             saved_at=float(meta.get("semantic.saved_at", "0")),
             size_bytes=size,
             format=version,
+            kv_format=str(meta.get("semantic.kv_format", "none")),
             layers=layers,
             shapes=shapes,
         )
@@ -359,6 +365,19 @@ def read_header(path: Path) -> AgentHeader:
     if path.stem != record.id:
         raise CorruptAgentFile(f"file name {path.name!r} does not match agent id {record.id!r}")
     return header
+
+
+def kv_format_mismatch(header: AgentHeader, expect: Expectations, model_id: str) -> str | None:
+    """Why a file of this model (`model_id`) cannot be used, when the reason is its KV format (else None)."""
+    want = kv.spec_format_tag(expect.spec)
+    if header.model_id != model_id or header.kv_format == want:
+        return None
+    return (
+        f"agent {header.record.id!r} was saved with KV format {header.kv_format!r}, and this server keeps "
+        f"{want!r} (SEMANTIC_MLX_KV_BITS, SEMANTIC_MLX_KV_GROUP_SIZE): restart with that format to use its "
+        f"cache, or rehome the agent (POST /v1/agents/{header.record.id}/rehome: its conversation is kept, "
+        "its cache recomputed on the next turn)"
+    )
 
 
 def read_agent_file(

@@ -55,7 +55,8 @@ def route(store: AgentStore, tokens: list[int], agent_id: str | None, *, create:
                 raise AgentDamaged(f"agent {agent.id!r} is damaged: {agent.damaged}")
             if not agent.compatible:
                 raise ModelMismatch(
-                    f"agent {agent.id!r} was saved with another model than the one loaded; move it to this model "
+                    agent.mismatch
+                    or f"agent {agent.id!r} was saved with another model than the one loaded; move it to this model "
                     f"with POST /v1/agents/{agent.id}/rehome (its next turn recomputes the conversation), load "
                     "that model, or delete the agent"
                 )

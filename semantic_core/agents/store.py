@@ -55,6 +55,7 @@ class Agent:
     saved_version: int = -1  # version on disk (-1: never saved)
     disk_bytes: int = 0
     compatible: bool = True  # False: its file belongs to another model
+    mismatch: str | None = None  # why it is not compatible, when more is known than "another model"
     damaged: str | None = None
     save_error: str | None = None
     last_access: float = field(default_factory=time.monotonic)
@@ -140,6 +141,8 @@ class AgentStore:
             agent = Agent(record=header.record, tokens=header.tokens, disk_bytes=header.size_bytes)
             agent.saved_version = agent.version
             agent.compatible = header.fingerprint == self.fingerprint
+            if not agent.compatible and self.expect is not None:
+                agent.mismatch = disk.kv_format_mismatch(header, self.expect, self.model_id)
             self._register(agent)
             if agent.compatible:
                 self.index.set(agent.id, agent.tokens)
@@ -385,6 +388,7 @@ class AgentStore:
         kept, its tokens (another model's cache) dropped, and its file rewritten for this model."""
         self.restore_messages(agent)
         agent.compatible = True
+        agent.mismatch = None
         agent.tokens = []
         agent.changed()
         self.save(agent, None)

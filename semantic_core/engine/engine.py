@@ -428,6 +428,7 @@ class Engine:
             blas=info.blas,
             kernels=info.kernels,
             cache=info.cache_spec.describe(),
+            kv_format=info.kv_description,
             pool_blocks=self.pool.capacity,
             block_tokens=self.pool.block_tokens,
             kv_bytes_per_token=info.bytes_per_token,
@@ -436,7 +437,8 @@ class Engine:
         self._publish(force=True)
 
     def _new_cache(self) -> kv.Cache:
-        return kv.new_cache(self.model)
+        assert self.info is not None  # set by _boot before any cache is made
+        return kv.new_cache(self.model, self.info.kv_format)
 
     def _running_tokens(self, agent_id: str) -> int:
         assert self.admission is not None

@@ -207,7 +207,7 @@ class AgentOperations:
         if agent.damaged:
             raise AgentDamaged(f"agent {agent.id!r} is damaged: {agent.damaged}")
         if not agent.compatible:
-            raise ModelMismatch(f"agent {agent.id!r} was saved with another model")
+            raise ModelMismatch(agent.mismatch or f"agent {agent.id!r} was saved with another model")
         protect = {agent.id, *self.admission.busy()}
         self.residency.make_hot_slot(protect)
         if agent.on_disk and agent.tokens:

@@ -16,9 +16,12 @@ engine evaluates each chunk at once anyway; decode steps keep MLX's functions an
 evaluation.
 
 `install(model)` swaps them into the model's module (mlx-lm models call `scaled_dot_product_attention`
-and `swiglu` by the names they imported). Quantized KV caches, attention sinks and activations other
-than float32 keep mlx-lm's functions. Only for the CPU device (Metal and CUDA have real kernels);
-SEMANTIC_MLX_NUMPY_EXP=false turns it off. Results match MLX's to about 1e-6.
+and `swiglu` by the names they imported). Attention sinks and activations other than float32 keep
+mlx-lm's functions. Attention over a quantized KV cache (SEMANTIC_MLX_KV_BITS) dequantizes the cache
+(the CPU kernels' vectorised dequantize when built) and runs the float path: mlx-lm's quantized
+attention is MLX's scalar CPU quantized matmul, about 2.5x slower on a prompt chunk. Only for the CPU
+device (Metal and CUDA have real kernels); SEMANTIC_MLX_NUMPY_EXP=false turns the NumPy exponentials
+off. Results match MLX's to about 1e-6.
 """
 
 from __future__ import annotations
@@ -109,15 +112,66 @@ def cpu_swiglu(gate: mx.array, x: mx.array) -> mx.array:
     return mx.array(out)
 
 
+def _dequantize_kv(triple: Any, group_size: int, bits: int) -> mx.array:
+    """A quantized cache's keys or values (words, scales, biases; (B, H, S, .)) as float arrays."""
+    words, scales, biases = triple
+    if _kernels is not None:
+        # The kernels' dequantize is 2-D (rows of the affine layout) and vectorised; MLX's is a
+        # scalar loop on CPU.
+        shape = words.shape
+        flat = _kernels.dequantize(
+            words.reshape(-1, shape[-1]),
+            scales.reshape(-1, scales.shape[-1]),
+            biases.reshape(-1, biases.shape[-1]),
+            group_size,
+            bits,
+            dtype=scales.dtype,
+        )
+        out: mx.array = flat.reshape(*shape[:-1], flat.shape[-1])
+        return out
+    return mx.dequantize(words, scales, biases, group_size=group_size, bits=bits)
+
+
+def _load_kernels() -> Any:
+    try:
+        import semantic_kernels
+
+        return semantic_kernels
+    except ImportError:
+        return None
+
+
+_kernels = _load_kernels()
+
+
 def _make_sdpa(original: Any) -> Any:
+    options = {"numpy_exp": True}  # set by install()
+
     def scaled_dot_product_attention(
         queries: mx.array, keys: mx.array, values: mx.array, cache: Any, scale: float, mask: Any, sinks: Any = None
     ) -> mx.array:
-        if queries.shape[2] == 1 or sinks is not None or hasattr(cache, "bits") or queries.dtype != mx.float32:
+        quantized = hasattr(cache, "bits")
+        if quantized and sinks is None and queries.dtype == mx.float32:
+            # MLX's CPU quantized matmul (mlx-lm's quantized attention) is a scalar loop: a prompt
+            # chunk's scores cost ~4x the float path. Dequantizing the cache is linear in its size.
+            keys = _dequantize_kv(keys, int(cache.group_size), int(cache.bits))
+            values = _dequantize_kv(values, int(cache.group_size), int(cache.bits))
+            if queries.shape[2] == 1 or not options["numpy_exp"]:
+                out: mx.array = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+                return out
+            return cpu_attention(queries, keys, values, scale, mask)
+        if (
+            queries.shape[2] == 1
+            or sinks is not None
+            or quantized
+            or queries.dtype != mx.float32
+            or not options["numpy_exp"]
+        ):
             result: mx.array = original(queries, keys, values, cache, scale, mask, sinks)
             return result
         return cpu_attention(queries, keys, values, scale, mask)
 
+    scaled_dot_product_attention.options = options  # type: ignore[attr-defined]
     return scaled_dot_product_attention
 
 
@@ -134,10 +188,13 @@ def _make_swiglu(original: Any) -> Any:
 _REPLACEMENTS = {"scaled_dot_product_attention": _make_sdpa, "swiglu": _make_swiglu}
 
 
-def install(model: Any) -> list[str]:
-    """Route the model's prompt-chunk attention and SwiGLU through NumPy's exponential.
+def install(model: Any, numpy_exp: bool = True) -> list[str]:
+    """Route the model's prompt-chunk attention and SwiGLU through NumPy's exponential (numpy_exp),
+    and attention over quantized KV caches through dequantized float attention (always).
 
-    Returns the names replaced in the model's module (none for an architecture that uses neither).
+    Returns the names that use NumPy's exponential in the model's module (none for an architecture
+    that uses neither, or without numpy_exp). The last call's numpy_exp holds for every model of
+    the module.
     """
     module = sys.modules.get(type(model).__module__)
     replaced = []
@@ -145,11 +202,19 @@ def install(model: Any) -> list[str]:
         current = getattr(module, name, None)
         if module is None or current is None or not callable(current):
             continue
+        if name == "swiglu" and not numpy_exp:
+            if hasattr(current, "semantic_original"):
+                setattr(module, name, current.semantic_original)
+            continue
         if not hasattr(current, "semantic_original"):
             patched = make(current)
             patched.semantic_original = current
             setattr(module, name, patched)
-        replaced.append(name)
+            current = patched
+        if name == "scaled_dot_product_attention":
+            current.options["numpy_exp"] = numpy_exp
+        if numpy_exp:
+            replaced.append(name)
     return replaced
 
 

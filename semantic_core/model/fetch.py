@@ -70,6 +70,8 @@ class WheelModel:
     keep: tuple[tuple[WheelPart, str, str], ...] = ()
     # The model's published sampling defaults, written as generation_config.json (empty: none published).
     generation: dict[str, Any] = field(default_factory=dict)
+    # The KV format SEMANTIC_MLX_KV_BITS=auto picks ("none", "8" or "4"), from benchmarks/kv_quant.py.
+    kv_bits: str = "none"
 
     @property
     def requirement(self) -> str:

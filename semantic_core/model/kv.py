@@ -20,7 +20,12 @@ restored, forked, trimmed and batched correctly:
   are gone), with one exception: dropping exactly the last token of a wrapped ring is exact when the
   next step feeds that token again (the engine's resume and "recompute the last token" paths), since
   the ring slot it vacates is the one the fed token is written to.
-- `merge`: caches of several sequences into mlx-lm's batch caches, per layer class.
+- `merge`: caches of several sequences into mlx-lm's batch caches, per layer class (quantized layers
+  into `kv_batch.BatchQuantizedKVCache`, which mlx-lm lacks).
+- `KVFormat` / `new_cache`: the precision the engine keeps KV in. With 8 or 4 bits every plain layer
+  is a `QuantizedKVCache` (MLX's affine quantization along the head dimension, one scale and bias
+  per `group_size` values); sliding-window layers keep the model's dtype (mlx-lm has no quantized
+  ring). Bytes per token, file contents and the model fingerprint follow the format.
 
 Engine thread only (MLX is not thread-safe); the numpy arrays of `to_states` may then be written
 from any thread: they are views of arrays that are never written in place while idle.
@@ -69,6 +74,18 @@ class CacheSpec:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def bytes_per_token(self, itemsize: int) -> int:
+        """KV bytes one token costs across all layers (keys and values; words, scales and biases of a
+        quantized layer)."""
+        total = 0
+        for layer in self.layers:
+            if layer.kind == QUANTIZED:
+                bits, group = int(layer.bits or 8), int(layer.group_size or 64)
+                total += 2 * self.kv_heads * (self.head_dim * bits // 8 + 2 * (self.head_dim // group) * itemsize)
+            else:
+                total += 2 * self.kv_heads * self.head_dim * itemsize
+        return total
+
     @property
     def kinds(self) -> list[str]:
         return sorted({layer.kind for layer in self.layers})
@@ -88,13 +105,56 @@ class LayerState:
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-able scalars, and "dtypes" of raw-stored arrays
 
 
+@dataclass(frozen=True)
+class KVFormat:
+    """How KV is held: the model's dtype (bits None) or MLX affine quantization."""
+
+    bits: int | None = None  # 8 or 4; None: unquantized
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.bits not in (None, 4, 8):
+            raise ValueError(f"KV bits must be 4 or 8 (or none), not {self.bits}")
+        if self.group_size not in (32, 64, 128):
+            raise ValueError(f"KV group size must be 32, 64 or 128, not {self.group_size}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+    @property
+    def tag(self) -> str:
+        """Short and stable: part of the model fingerprint and of file headers ("none", "q8g64")."""
+        return "none" if self.bits is None else f"q{self.bits}g{self.group_size}"
+
+    def describe(self, dtype: str = "") -> str:
+        if self.bits is None:
+            return dtype or "unquantized"
+        return f"{self.bits}-bit, group {self.group_size}"
+
+    @classmethod
+    def parse(cls, bits: str | int | None, group_size: int = 64) -> KVFormat:
+        if bits in (None, "none", "", 0):
+            return cls(None, group_size)
+        return cls(int(bits), group_size)
+
+
+UNQUANTIZED = KVFormat()
+
+
 # Making and describing ------------------------------------------------------------------------------
 
 
-def new_cache(model: Any) -> Cache:
-    from mlx_lm.models.cache import make_prompt_cache
+def new_cache(model: Any, fmt: KVFormat = UNQUANTIZED) -> Cache:
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 
-    return list(make_prompt_cache(model))
+    cache = list(make_prompt_cache(model))
+    if fmt.quantized:
+        cache = [
+            QuantizedKVCache(group_size=fmt.group_size, bits=int(fmt.bits or 8)) if type(c) is KVCache else c
+            for c in cache
+        ]
+    return cache
 
 
 def spec_of(cache: Cache) -> CacheSpec:
@@ -118,6 +178,21 @@ def spec_of(cache: Cache) -> CacheSpec:
             dim = int(keys.shape[3]) if kind != QUANTIZED else int(layer.keys[1].shape[3]) * int(layer.group_size)
             dtype = _dtype_name(layer.keys[1].dtype if kind == QUANTIZED else keys.dtype)
     return CacheSpec(tuple(layers), heads, dim, dtype)
+
+
+def format_tag(kinds: list[str], metas: list[dict[str, Any]]) -> str:
+    """The KV format tag ("none", "q8g64") of a saved cache's layers (its first quantized layer)."""
+    for kind, meta in zip(kinds, metas, strict=True):
+        if kind == QUANTIZED:
+            return KVFormat(int(meta["bits"]), int(meta["group_size"])).tag
+    return UNQUANTIZED.tag
+
+
+def spec_format_tag(spec: CacheSpec) -> str:
+    for layer in spec.layers:
+        if layer.kind == QUANTIZED:
+            return KVFormat(layer.bits, int(layer.group_size or 64)).tag
+    return UNQUANTIZED.tag
 
 
 def tokens_held(cache: Cache) -> int:
@@ -347,15 +422,19 @@ def fork(cache: Cache, length: int) -> Cache | None:
 
 
 def merge(caches: list[Cache]) -> Cache:
-    """The caches of several sequences as one batch cache per layer (mlx-lm's batch classes)."""
+    """The caches of several sequences as one batch cache per layer (mlx-lm's batch classes, and
+    ours for quantized layers)."""
     n_layers = len(caches[0])
-    return [type(caches[0][i]).merge([c[i] for c in caches]) for i in range(n_layers)]
+    out: Cache = []
+    for i in range(n_layers):
+        layers = [c[i] for c in caches]
+        if type(layers[0]).__name__ == QUANTIZED:
+            from semantic_core.model.kv_batch import BatchQuantizedKVCache
 
-
-def batchable(spec: CacheSpec) -> bool:
-    """Whether sequences with this kind of cache can decode together (mlx-lm has no batch class for
-    quantized layers: they decode one sequence per group)."""
-    return all(layer.kind != QUANTIZED for layer in spec.layers)
+            out.append(BatchQuantizedKVCache.merge(layers))
+        else:
+            out.append(type(layers[0]).merge(layers))
+    return out
 
 
 def _dtype_name(dtype: Any) -> str:

