@@ -151,11 +151,11 @@ def resume_ttft(engine: Any, history: list[int], new_turn: list[int], reps: int)
 
 def rss_child(alias: str, bits: str, group: int, agents: int, tokens: int) -> None:
     """In a fresh process: RSS growth per hot agent of `tokens` tokens (printed as JSON)."""
+    loaded = load(alias, bits, group)  # first: semantic_core chooses the CPU BLAS before MLX loads
+
     import mlx.core as mx
 
     from semantic_core.engine.types import GenerationRequest
-
-    loaded = load(alias, bits, group)
 
     def rss() -> int:
         with open("/proc/self/status") as f:
@@ -171,7 +171,7 @@ def rss_child(alias: str, bits: str, group: int, agents: int, tokens: int) -> No
         mx.clear_cache()
         before = rss()
         for i in range(agents):
-            text = sentences(1000 + i, 400)
+            text = sentences(1000 + i, 80)
             ids = loaded.tokenizer.encode(text)[:tokens]
             engine.complete(GenerationRequest(tokens=ids, max_tokens=1, temperature=0.0, agent_id=f"h{i}"))
         engine.call(mx.clear_cache)  # MLX's buffer cache holds freed temporaries, not agents
@@ -197,7 +197,7 @@ def measure_rss(alias: str, bits: str, group: int, agents: int, tokens: int) -> 
 # The run -------------------------------------------------------------------------------------------
 
 
-RSS_AGENTS, RSS_TOKENS = 12, 512
+RSS_AGENTS, RSS_TOKENS = 8, 512
 QUICK_RSS_AGENTS, QUICK_RSS_TOKENS = 4, 256
 
 

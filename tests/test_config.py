@@ -102,3 +102,27 @@ def test_config_json_masks_secrets_and_shows_device_and_blas():
     if sys.platform == "linux":
         assert data["runtime"]["blas"].startswith("openblas")
     assert data["settings"]["SEMANTIC_SERVER_HOST"] == os.environ.get("SEMANTIC_SERVER_HOST", "127.0.0.1")
+
+
+def test_config_says_which_kv_format_the_model_gets():
+    import json
+    import os
+
+    def kv_format(**env: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "semantic_tui.cli", "config", "--json"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return str(json.loads(proc.stdout)["runtime"]["kv_format"])
+
+    assert (
+        kv_format(SEMANTIC_MLX_KV_BITS="4", SEMANTIC_MLX_KV_GROUP_SIZE="32") == "4-bit, group 32 (SEMANTIC_MLX_KV_BITS)"
+    )
+    assert kv_format(SEMANTIC_MLX_KV_BITS="none") == "the model dtype (SEMANTIC_MLX_KV_BITS)"
+    assert kv_format(SEMANTIC_MLX_KV_BITS="auto", SEMANTIC_MLX_MODEL_ID="some/unmeasured-model") == (
+        "the model dtype (the model's recommendation)"
+    )
