@@ -138,6 +138,11 @@ class Settings(BaseSettings):
     mlx_numpy_exp: bool = Field(
         True, description="On CPU, exponentials of prompt attention and SwiGLU by NumPy (MLX's are slow there)."
     )
+    mlx_cpu_layer_kernels: bool = Field(
+        True,
+        description="On CPU with the kernels built: RMS norm, RoPE and decode attention as one primitive each "
+        "(MLX runs them there as graphs of small ops, each a dispatch).",
+    )
     model_dir: Path = Field(
         default_factory=lambda: cache_root() / "models",
         description="Where fetched and converted models are kept.",

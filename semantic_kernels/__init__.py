@@ -42,6 +42,7 @@ _check_built_for_this_mlx()
 from . import _ext  # noqa: E402
 
 __all__ = [
+    "attention",
     "available_paths",
     "cpu_features",
     "dequantize",
@@ -49,6 +50,8 @@ __all__ = [
     "get_path",
     "paths",
     "quantized_matmul",
+    "rms_norm",
+    "rope",
     "set_num_threads",
     "set_path",
     "set_spin_us",
@@ -117,6 +120,59 @@ def dequantize(
     if mode != "affine" or biases is None:
         raise ValueError("semantic_kernels.dequantize supports affine quantization (with biases) only")
     return _ext.dequantize(w, scales, biases, group_size, bits, dtype, path=path, stream=stream)
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float, *, stream=None) -> mx.array:
+    """Like mx.fast.rms_norm(x, weight, eps), as one CPU primitive (MLX's CPU runs ~6 ops)."""
+    return _ext.rms_norm(x, weight, eps, stream=stream)
+
+
+def rope(
+    x: mx.array,
+    dims: int,
+    *,
+    traditional: bool,
+    base: float | None,
+    scale: float,
+    offset: int | mx.array,
+    freqs: mx.array | None = None,
+    stream=None,
+) -> mx.array:
+    """Like mx.fast.rope, as one CPU primitive (MLX's CPU runs ~25 ops). `offset`: an int, or an
+    int array of one value per batch row (mlx-lm's batch caches)."""
+    return _ext.rope(
+        x, dims, traditional=traditional, base=base, scale=scale, offset=offset, freqs=freqs, stream=stream
+    )
+
+
+def attention(
+    q: mx.array,
+    k: mx.array | tuple[mx.array, mx.array, mx.array],
+    v: mx.array | tuple[mx.array, mx.array, mx.array],
+    *,
+    scale: float,
+    mask: mx.array | str | None = None,
+    group_size: int = 64,
+    bits: int | None = None,
+    stream=None,
+) -> mx.array:
+    """softmax(scale * q @ k^T + mask) @ v with grouped-query heads, like
+    mx.fast.scaled_dot_product_attention, as one CPU primitive (MLX's CPU runs ~10 ops).
+
+    q: float32 (B, Hq, L, D). k, v: float32 (B, Hkv, S, D), or with `bits` (4 or 8) the
+    (codes, scales, biases) triples of mlx-lm's QuantizedKVCache, read without dequantizing.
+    mask: None, "causal", a boolean array (True = attend) or an additive float array,
+    broadcastable to (B, Hq, L, S). Meant for few query rows (decode): each row reads its head's
+    whole K and V.
+    """
+    mode, arr = ("causal", None) if isinstance(mask, str) else ("", mask)
+    if isinstance(mask, str) and mask != "causal":
+        raise ValueError(f"unsupported attention mask {mask!r}")
+    if bits is None:
+        return _ext.attention(q, k, v, scale=scale, mask_mode=mode, mask=arr, stream=stream)
+    return _ext.attention_quantized(
+        q, tuple(k), tuple(v), scale=scale, group_size=group_size, bits=bits, mask_mode=mode, mask=arr, stream=stream
+    )
 
 
 class use_path:

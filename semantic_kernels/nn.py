@@ -24,7 +24,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import _ext, dequantize, quantized_matmul
+from . import _ext, dequantize, quantized_matmul, rms_norm, rope
 
 
 def path_is_int8(path: str | None) -> bool:
@@ -118,6 +118,47 @@ def patch_model(
         # object.__setattr__: nn.Module stores dict-valued attributes as children (parameters).
         object.__setattr__(m, "_sk_opts", opts)
         n += 1
+    return n
+
+
+class SKRMSNorm(nn.RMSNorm):
+    """nn.RMSNorm as one CPU primitive (set by patch_layers via __class__)."""
+
+    def __call__(self, x):
+        return rms_norm(x, self["weight"], self.eps)
+
+
+class SKRoPE(nn.RoPE):
+    """nn.RoPE as one CPU primitive (set by patch_layers via __class__)."""
+
+    def __call__(self, x, offset=0):
+        return rope(x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale, offset=offset)
+
+
+_LAYER_CLASSES = {nn.RMSNorm: SKRMSNorm, nn.RoPE: SKRoPE}
+
+
+def patch_layers(model: nn.Module) -> int:
+    """Route the model's nn.RMSNorm and nn.RoPE modules through the kernels' primitives: on MLX's
+    CPU backend mx.fast.rms_norm and mx.fast.rope run as graphs of plain ops (about 6 and 25 of
+    them), and every op costs a dispatch. Subclasses of those (other norms, scaled RoPE variants)
+    keep their own code. Returns how many modules changed."""
+    n = 0
+    for _, m in model.named_modules():
+        new = _LAYER_CLASSES.get(type(m))
+        if new is not None:
+            m.__class__ = new
+            n += 1
+    return n
+
+
+def unpatch_layers(model: nn.Module) -> int:
+    n = 0
+    for _, m in model.named_modules():
+        for base, new in _LAYER_CLASSES.items():
+            if type(m) is new:
+                m.__class__ = base
+                n += 1
     return n
 
 

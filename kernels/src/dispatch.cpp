@@ -352,6 +352,16 @@ std::string cpu_features() {
   return s.str();
 }
 
+void parallel_for(int ntasks, int64_t work_bytes, const std::function<void(int)>& f) {
+  Pool& p = pool();
+  if (ntasks <= 1 || p.threads() <= 1 || work_bytes < g_min_parallel.load(std::memory_order_relaxed)) {
+    for (int t = 0; t < ntasks; ++t) f(t);
+    return;
+  }
+  auto task = [&f](int t) { f(t); };
+  p.run(ntasks, task);
+}
+
 void qmatmul(const float* x, int M, const QWeights& q, float* out, int path) {
   check(q);
   if (!supported(path)) throw std::invalid_argument("semantic_kernels: unsupported path");

@@ -5,6 +5,7 @@
 
 #include <stdint.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,10 @@ void set_min_parallel_bytes(int64_t b);
 int64_t min_parallel_bytes();
 
 std::string cpu_features();
+
+// Runs f(0) .. f(ntasks - 1) on the pool (the caller included), or inline when the work is too
+// small to pay for waking workers (work_bytes below min_parallel_bytes) or the pool is busy.
+void parallel_for(int ntasks, int64_t work_bytes, const std::function<void(int)>& f);
 
 // out[M, N] = x[M, K] @ dequant(q)^T. x contiguous float32. Thread-safe.
 void qmatmul(const float* x, int M, const QWeights& q, float* out, int path);

@@ -144,13 +144,41 @@ def _load_kernels() -> Any:
 _kernels = _load_kernels()
 
 
+# Query rows per sequence up to which attention runs as the kernels' one primitive (decode steps);
+# longer prompt chunks keep the blocked float path with NumPy's exponential, whose score matmuls go
+# through BLAS.
+KERNEL_ATTENTION_ROWS = 8
+
+
 def _make_sdpa(original: Any) -> Any:
-    options = {"numpy_exp": True}  # set by install()
+    options = {"numpy_exp": True, "kernel_attention": False}  # set by install()
 
     def scaled_dot_product_attention(
         queries: mx.array, keys: mx.array, values: mx.array, cache: Any, scale: float, mask: Any, sinks: Any = None
     ) -> mx.array:
         quantized = hasattr(cache, "bits")
+        if (
+            options["kernel_attention"]
+            and _kernels is not None
+            and sinks is None
+            and queries.dtype == mx.float32
+            and queries.shape[2] <= KERNEL_ATTENTION_ROWS
+            and (mask is None or isinstance(mask, (str, mx.array)))
+        ):
+            if quantized and keys[1].dtype == mx.float32:
+                kernel_out: mx.array = _kernels.attention(
+                    queries,
+                    keys,
+                    values,
+                    scale=scale,
+                    mask=mask,
+                    group_size=int(cache.group_size),
+                    bits=int(cache.bits),
+                )
+                return kernel_out
+            if not quantized and keys.dtype == mx.float32:
+                kernel_out = _kernels.attention(queries, keys, values, scale=scale, mask=mask)
+                return kernel_out
         if quantized and sinks is None and queries.dtype == mx.float32:
             # MLX's CPU quantized matmul (mlx-lm's quantized attention) is a scalar loop: a prompt
             # chunk's scores cost ~4x the float path. Dequantizing the cache is linear in its size.
@@ -188,9 +216,11 @@ def _make_swiglu(original: Any) -> Any:
 _REPLACEMENTS = {"scaled_dot_product_attention": _make_sdpa, "swiglu": _make_swiglu}
 
 
-def install(model: Any, numpy_exp: bool = True) -> list[str]:
+def install(model: Any, numpy_exp: bool = True, kernel_attention: bool = False) -> list[str]:
     """Route the model's prompt-chunk attention and SwiGLU through NumPy's exponential (numpy_exp),
-    and attention over quantized KV caches through dequantized float attention (always).
+    attention over quantized KV caches through dequantized float attention (always), and decode
+    attention (a few query rows, float or quantized caches) through the CPU kernels' attention
+    primitive (kernel_attention, when they are built).
 
     Returns the names that use NumPy's exponential in the model's module (none for an architecture
     that uses neither, or without numpy_exp). The last call's numpy_exp holds for every model of
@@ -213,6 +243,7 @@ def install(model: Any, numpy_exp: bool = True) -> list[str]:
             current = patched
         if name == "scaled_dot_product_attention":
             current.options["numpy_exp"] = numpy_exp
+            current.options["kernel_attention"] = kernel_attention
         if numpy_exp:
             replaced.append(name)
     return replaced

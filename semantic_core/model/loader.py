@@ -121,6 +121,7 @@ def load(settings: Settings, *, progress: Progress | None = None, quiet: bool = 
         resolved,
         weights_mode=settings.mlx_weights,
         numpy_exp=settings.mlx_numpy_exp,
+        layer_kernels=settings.mlx_cpu_layer_kernels,
         kv_format=kv_format_for(resolved.model_id, settings.mlx_kv_bits, settings.mlx_kv_group_size),
     )
 
@@ -143,6 +144,7 @@ def load_resolved(
     weights_mode: str = "auto",
     numpy_exp: bool = True,
     kv_format: kv.KVFormat = kv.UNQUANTIZED,
+    layer_kernels: bool = True,
 ) -> LoadedModel:
     import mlx.core as mx
     from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
@@ -181,7 +183,15 @@ def load_resolved(
     if device == "cpu":
         from semantic_core.model import cpu_ops
 
-        replaced = cpu_ops.install(model, numpy_exp=numpy_exp)
+        # MLX's CPU backend runs its fast norm, RoPE and attention as graphs of small ops, each a
+        # dispatch: one primitive each brings a decode step from ~3,500 graph nodes to ~700.
+        layer_ops = (cpu_kernels or _cpu_kernels(quiet=True)) if layer_kernels else None
+        if layer_ops is not None:
+            layers = layer_ops.nn.patch_layers(model)
+            kernels = (
+                f"{kernels}, " if kernels != "mlx" else ""
+            ) + f"semantic_kernels layers ({layers} norms and RoPEs, decode attention)"
+        replaced = cpu_ops.install(model, numpy_exp=numpy_exp, kernel_attention=layer_ops is not None)
         if replaced:
             kernels = (
                 ("mlx" if kernels == "mlx" else kernels)
@@ -369,15 +379,15 @@ def _leaves(tree: Any) -> list[tuple[str, Any]]:
 _KERNELS_WARNED = False
 
 
-def _cpu_kernels() -> Any:
+def _cpu_kernels(quiet: bool = False) -> Any:
     """The semantic_kernels package when its extension was built for this mlx (make setup builds
-    it), else None, with one warning line saying what runs instead."""
+    it), else None, with one warning line saying what runs instead (unless quiet)."""
     global _KERNELS_WARNED
     try:
         import semantic_kernels
         import semantic_kernels.nn
     except ImportError as exc:
-        if not _KERNELS_WARNED:
+        if not _KERNELS_WARNED and not quiet:
             _KERNELS_WARNED = True
             log.warning(
                 "the CPU kernels are not built (run `make setup`, which needs cmake and a C++ compiler): "
