@@ -252,7 +252,15 @@ def measure(alias: str, args: argparse.Namespace, llama_py: Path | None) -> dict
     try:
         if args.dense:  # our engine as it was before the CPU kernels: dense float32 weights
             sides["ours, dense"] = Worker(sys.executable, "--ours-worker", alias, env={"SEMANTIC_MLX_WEIGHTS": "dense"})
-        sides["mlx-lm"] = Worker(sys.executable, "--mlx-lm-worker", str(model_dir))
+        if args.mlx_layers:  # our engine as before the layer kernels: MLX's norm, RoPE and attention, no pipelining
+            sides["ours, MLX layers"] = Worker(
+                sys.executable,
+                "--ours-worker",
+                alias,
+                env={"SEMANTIC_MLX_CPU_LAYER_KERNELS": "false", "SEMANTIC_MLX_CPU_PIPELINE_LAYERS": "0"},
+            )
+        if args.mlx_lm_reps > 0:
+            sides["mlx-lm"] = Worker(sys.executable, "--mlx-lm-worker", str(model_dir))
         if llama_py is not None:
             sides["llama.cpp"] = Worker(str(llama_py), "--llamacpp-worker", str(bench_gguf(alias)))
         prompt = sides["ours"].ask(prompt=args.prompt_tokens, seed=args.prompt_tokens)["tokens"]
@@ -297,7 +305,15 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, help="prompt length (default 500; 64 with --quick)")
     parser.add_argument("--max-tokens", type=int, help="tokens generated (default 128; 8 with --quick)")
     parser.add_argument("--reps", type=int, help="runs of ours and llama.cpp (default 2; 1 with --quick)")
-    parser.add_argument("--mlx-lm-reps", type=int, default=1, help="runs of mlx-lm (default 1: it is slow on CPU)")
+    parser.add_argument(
+        "--mlx-lm-reps", type=int, default=1, help="runs of mlx-lm (default 1: it is slow on CPU; 0 leaves it out)"
+    )
+    parser.add_argument(
+        "--mlx-layers",
+        action="store_true",
+        help="also run ours as before the CPU layer kernels: SEMANTIC_MLX_CPU_LAYER_KERNELS=false and "
+        "SEMANTIC_MLX_CPU_PIPELINE_LAYERS=0 (MLX's own norm, RoPE and attention ops, one evaluation per step)",
+    )
     parser.add_argument(
         "--no-dense", dest="dense", action="store_false", help="leave out our engine with dense float32 weights"
     )
@@ -333,44 +349,26 @@ def main() -> None:
 
     report = Report("engine_speed", "Single-stream speed: ours vs mlx-lm vs llama.cpp", args.quick)
     results = [measure(alias, args, llama_py) for alias in aliases]
+    # Every side that ran, in this order; each ratio is ours over that side, measured in the same run.
+    order = ["ours", "ours, MLX layers", "ours, dense", "mlx-lm", "llama.cpp"]
+    present = [n for n in order if any(n in r["best"] for r in results)]
+    others = [n for n in present if n != "ours"]
     rows = []
     for r in results:
         b = r["best"]
         for kind, key in (("prefill", "prompt_tps"), ("decode", "generation_tps")):
-            lc = b.get("llama.cpp", {}).get(key)
-            dense = b.get("ours, dense", {}).get(key)
             rows.append(
-                [
-                    r["alias"],
-                    kind,
-                    fmt(b["ours"][key]),
-                    fmt(dense) if dense else "-",
-                    fmt(b["mlx-lm"][key]),
-                    fmt(lc) if lc else "-",
-                    fmt_x(ratio(b["ours"][key], dense)) if dense else "-",
-                    fmt_x(ratio(b["ours"][key], b["mlx-lm"][key])),
-                    fmt_x(ratio(b["ours"][key], lc)) if lc else "-",
-                ]
+                [r["alias"], kind]
+                + [fmt(b[n][key]) if n in b else "-" for n in present]
+                + [fmt_x(ratio(b["ours"][key], b[n][key])) if n in b else "-" for n in others]
             )
         rows.append(
-            [r["alias"], "memory MB"]
-            + [fmt(b[n]["rss_mb"]) if n in b else "-" for n in ("ours", "ours, dense", "mlx-lm", "llama.cpp")]
-            + ["", "", ""]
+            [r["alias"], "memory MB"] + [fmt(b[n]["rss_mb"]) if n in b else "-" for n in present] + [""] * len(others)
         )
     report.table(
         f"tokens/s, best of {args.reps} run(s) ({args.mlx_lm_reps} of mlx-lm); a ~{args.prompt_tokens}-token prompt, "
         f"{args.max_tokens} tokens generated, greedy; memory: each process's peak resident set over its runs",
-        [
-            "model",
-            "phase",
-            "ours",
-            "ours, dense",
-            "mlx-lm",
-            "llama.cpp",
-            "ours / dense",
-            "ours / mlx-lm",
-            "ours / llama.cpp",
-        ],
+        ["model", "phase", *present, *[f"ours / {n}" for n in others]],
         rows,
     )
     for r in results:
@@ -378,7 +376,8 @@ def main() -> None:
         report.note(
             f"{r['alias']}: ours {ready['ours']['weights']}, {ready['ours']['kernels']}; BLAS {ready['ours']['blas']}."
         )
-        report.note(f"{r['alias']}: mlx-lm {ready['mlx-lm']['weights']}, on {ready['mlx-lm']['device']}.")
+        if "mlx-lm" in ready:
+            report.note(f"{r['alias']}: mlx-lm {ready['mlx-lm']['weights']}, on {ready['mlx-lm']['device']}.")
         if "llama.cpp" in ready:
             report.note(
                 f"{r['alias']}: llama.cpp {ready['llama.cpp']['version']}, {ready['llama.cpp']['threads']} threads; "

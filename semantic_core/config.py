@@ -143,6 +143,12 @@ class Settings(BaseSettings):
         description="On CPU with the kernels built: RMS norm, RoPE and decode attention as one primitive each "
         "(MLX runs them there as graphs of small ops, each a dispatch).",
     )
+    mlx_cpu_pipeline_layers: int = Field(
+        3,
+        ge=0,
+        description="On CPU, a decode step is handed to MLX every this many layers, so MLX computes while "
+        "Python builds the rest of the step (0: once per step).",
+    )
     model_dir: Path = Field(
         default_factory=lambda: cache_root() / "models",
         description="Where fetched and converted models are kept.",

@@ -110,97 +110,59 @@ SK_CLONES void rms_norm_rows(const float* x, int64_t r0, int64_t r1, int D, cons
   }
 }
 
-// Score of one query row against a quantized key row: sum over groups of
-// scale_g * (q_g . codes_g) + bias_g * sum(q_g). qsum: the row's per-group sums.
-SK_INLINE float dot_q8(const float* q, const uint8_t* codes, const float* sc, const float* bi, const float* qsum,
-                       int D, int gs) {
-  float s = 0.0f;
+// A row of an affine-quantized cache as float32: element i = scale[i / gs] * code_i + bias[i / gs].
+// 8-bit: byte i is code i; 4-bit: byte i holds codes 2i (low nibble) and 2i + 1 (high nibble).
+SK_INLINE void dequant_row(const uint8_t* codes, const float* sc, const float* bi, int D, int gs, int bits,
+                           float* out) {
   for (int g = 0; g < D / gs; ++g) {
-    float lanes[kLanes] = {};
-    const float* qg = q + g * gs;
-    const uint8_t* cg = codes + g * gs;
-    for (int i = 0; i < gs; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) lanes[j] += qg[i + j] * (float)cg[i + j];
-    s += sc[g] * hsum(lanes) + bi[g] * qsum[g];
-  }
-  return s;
-}
-
-// 4-bit rows: byte i holds element 2i (low nibble) and 2i+1 (high nibble). `qeo` is the query row
-// split into even and odd elements per group ([even gs/2][odd gs/2] for each group).
-SK_INLINE float dot_q4(const float* qeo, const uint8_t* codes, const float* sc, const float* bi, const float* qsum,
-                       int D, int gs) {
-  float s = 0.0f;
-  const int h = gs / 2;
-  for (int g = 0; g < D / gs; ++g) {
-    float lanes[kLanes] = {};
-    const float* qe = qeo + g * gs;
-    const float* qo = qe + h;
-    const uint8_t* cg = codes + g * h;
-    for (int i = 0; i < h; i += kLanes)
-      for (int j = 0; j < kLanes; ++j)
-        lanes[j] += qe[i + j] * (float)(cg[i + j] & 15) + qo[i + j] * (float)(cg[i + j] >> 4);
-    s += sc[g] * hsum(lanes) + bi[g] * qsum[g];
-  }
-  return s;
-}
-
-SK_INLINE void axpy(float* acc, float p, const float* v, int n) {
-  for (int i = 0; i < n; ++i) acc[i] += p * v[i];
-}
-
-SK_INLINE void axpy_q8(float* acc, float p, const uint8_t* codes, const float* sc, const float* bi, int D, int gs) {
-  for (int g = 0; g < D / gs; ++g) {
-    const float a = p * sc[g], c = p * bi[g];
-    float* o = acc + g * gs;
-    const uint8_t* cg = codes + g * gs;
-    for (int i = 0; i < gs; ++i) o[i] += a * (float)cg[i] + c;
-  }
-}
-
-// Accumulates into an even/odd split accumulator ([even gs/2][odd gs/2] per group); the caller
-// interleaves it back.
-SK_INLINE void axpy_q4(float* acc_eo, float p, const uint8_t* codes, const float* sc, const float* bi, int D,
-                       int gs) {
-  const int h = gs / 2;
-  for (int g = 0; g < D / gs; ++g) {
-    const float a = p * sc[g], c = p * bi[g];
-    float* oe = acc_eo + g * gs;
-    float* oo = oe + h;
-    const uint8_t* cg = codes + g * h;
-    for (int i = 0; i < h; ++i) {
-      oe[i] += a * (float)(cg[i] & 15) + c;
-      oo[i] += a * (float)(cg[i] >> 4) + c;
+    const float a = sc[g], c = bi[g];
+    float* o = out + g * gs;
+    if (bits == 8) {
+      const uint8_t* cg = codes + g * gs;
+      for (int i = 0; i < gs; ++i) o[i] = a * (float)cg[i] + c;
+    } else {
+      const uint8_t* cg = codes + g * (gs / 2);
+      for (int i = 0; i < gs / 2; ++i) {
+        o[2 * i] = a * (float)(cg[i] & 15) + c;
+        o[2 * i + 1] = a * (float)(cg[i] >> 4) + c;
+      }
     }
   }
 }
 
-// Whole rows of the attention, each compiled per ISA with its helpers inlined.
-SK_CLONES void scores_f32(const float* q, const float* kb, int64_t ss, int S, int D, float scale, float* out) {
-  for (int s = 0; s < S; ++s) out[s] = dot(q, kb + s * ss, D) * scale;
+// The cached row s of one head as float32: a pointer into a float cache, or `tmp` filled from the
+// codes of a quantized one. Each row is read (and converted) once for all query rows of the head.
+SK_INLINE const float* cache_row(const KVOperand& op, int b, int h, int s, int D, float* tmp) {
+  if (op.bits == 0) return static_cast<const float*>(op.data) + b * op.sb + h * op.sh + s * op.ss;
+  const int64_t q = b * op.qb + h * op.qh + s * op.qs;
+  dequant_row(static_cast<const uint8_t*>(op.data) + b * op.sb + h * op.sh + s * op.ss, op.scales + q,
+              op.biases + q, D, op.group_size, op.bits, tmp);
+  return tmp;
 }
 
-SK_CLONES void scores_quant(const float* q, const float* qsum, const uint8_t* kb, int64_t ss, const float* scb,
-                            const float* bib, int64_t qs, int S, int D, int gs, int bits, float scale, float* out) {
-  if (bits == 8)
-    for (int s = 0; s < S; ++s) out[s] = dot_q8(q, kb + s * ss, scb + s * qs, bib + s * qs, qsum, D, gs) * scale;
-  else
-    for (int s = 0; s < S; ++s) out[s] = dot_q4(q, kb + s * ss, scb + s * qs, bib + s * qs, qsum, D, gs) * scale;
-}
-
-SK_CLONES void wsum_f32(const float* p, const float* vb, int64_t ss, int S, int D, float* acc) {
-  for (int s = 0; s < S; ++s)
-    if (p[s] != 0.0f) axpy(acc, p[s], vb + s * ss, D);
-}
-
-SK_CLONES void wsum_quant(const float* p, const uint8_t* vb, int64_t ss, const float* scb, const float* bib,
-                          int64_t qs, int S, int D, int gs, int bits, float* acc) {
+// scores[r, s] = scale * q_r . k_s for the `rows` query rows of one KV head (q: rows x D, contiguous).
+SK_CLONES void head_scores(const float* q, int rows, const KVOperand& k, int b, int h, int S, int D, float scale,
+                           float* scores) {
+  float tmp[512];
   for (int s = 0; s < S; ++s) {
-    if (p[s] == 0.0f) continue;
-    if (bits == 8)
-      axpy_q8(acc, p[s], vb + s * ss, scb + s * qs, bib + s * qs, D, gs);
-    else
-      axpy_q4(acc, p[s], vb + s * ss, scb + s * qs, bib + s * qs, D, gs);
+    const float* kr = cache_row(k, b, h, s, D, tmp);
+    for (int r = 0; r < rows; ++r) scores[(int64_t)r * S + s] = dot(q + (int64_t)r * D, kr, D) * scale;
+  }
+}
+
+// acc[r, :] = sum_s p[r, s] v_s for the rows of one KV head.
+SK_CLONES void head_values(const float* p, int rows, const KVOperand& v, int b, int h, int S, int D, float* acc) {
+  float tmp[512];
+  for (int s = 0; s < S; ++s) {
+    bool any = false;
+    for (int r = 0; r < rows; ++r) any |= p[(int64_t)r * S + s] != 0.0f;
+    if (!any) continue;  // masked for every row (left padding of a batch)
+    const float* vr = cache_row(v, b, h, s, D, tmp);
+    for (int r = 0; r < rows; ++r) {
+      const float w = p[(int64_t)r * S + s];
+      float* a = acc + (int64_t)r * D;
+      for (int d = 0; d < D; ++d) a[d] += w * vr[d];
+    }
   }
 }
 
@@ -227,46 +189,18 @@ SK_CLONES float softmax_row(float* s, int n) {
 void attend_kv_head(const float* q, int b, int hkv, int Hq, int rep, int L, int S, int D, const KVOperand& k,
                     const KVOperand& v, const AttnMask& mask, float scale, float* out) {
   const int rows = rep * L;
-  thread_local std::vector<float> scores, qprep, qsum, acc;
+  thread_local std::vector<float> scores, qrows, acc;
   scores.resize((size_t)rows * S);
-  acc.resize(D);
-  const bool kq = k.bits != 0;
-  const int kgroups = kq ? D / k.group_size : 0;
-  if (kq) {
-    // Per query row: per-group sums, and for 4-bit keys the row split into even/odd elements.
-    qprep.resize((size_t)rows * D);
-    qsum.resize((size_t)rows * kgroups);
-    for (int r = 0; r < rows; ++r) {
-      const float* qr = q + ((int64_t)(b * Hq + hkv * rep + r / L) * L + r % L) * D;
-      float* qp = qprep.data() + (int64_t)r * D;
-      const int gs = k.group_size, h = gs / 2;
-      for (int g = 0; g < kgroups; ++g) {
-        float sg = 0.0f;
-        for (int i = 0; i < gs; ++i) sg += qr[g * gs + i];
-        qsum[(size_t)r * kgroups + g] = sg;
-        if (k.bits == 4)
-          for (int i = 0; i < h; ++i) {
-            qp[g * gs + i] = qr[g * gs + 2 * i];
-            qp[g * gs + h + i] = qr[g * gs + 2 * i + 1];
-          }
-        else
-          std::memcpy(qp + g * gs, qr + g * gs, sizeof(float) * gs);
-      }
-    }
-  }
-
-  // Scores.
+  qrows.resize((size_t)rows * D);
+  acc.assign((size_t)rows * D, 0.0f);
+  // Query rows of this KV head, in order r = (head - hkv * rep) * L + l.
+  for (int r = 0; r < rows; ++r)
+    std::memcpy(qrows.data() + (int64_t)r * D, q + ((int64_t)(b * Hq + hkv * rep + r / L) * L + r % L) * D,
+                sizeof(float) * D);
+  head_scores(qrows.data(), rows, k, b, hkv, S, D, scale, scores.data());
   for (int r = 0; r < rows; ++r) {
     const int h = hkv * rep + r / L, l = r % L;
-    const float* qr = kq ? qprep.data() + (int64_t)r * D : q + ((int64_t)(b * Hq + h) * L + l) * D;
     float* sr = scores.data() + (int64_t)r * S;
-    if (!kq) {
-      scores_f32(qr, static_cast<const float*>(k.data) + b * k.sb + hkv * k.sh, k.ss, S, D, scale, sr);
-    } else {
-      scores_quant(qr, qsum.data() + (size_t)r * kgroups, static_cast<const uint8_t*>(k.data) + b * k.sb + hkv * k.sh,
-                   k.ss, k.scales + b * k.qb + hkv * k.qh, k.biases + b * k.qb + hkv * k.qh, k.qs, S, D,
-                   k.group_size, k.bits, scale, sr);
-    }
     if (mask.kind == 1) {
       for (int s = l + S - L + 1; s < S; ++s) sr[s] = -FLT_MAX;
     } else if (mask.kind == 2) {
@@ -278,29 +212,13 @@ void attend_kv_head(const float* q, int b, int hkv, int Hq, int rep, int L, int 
       for (int s = 0; s < S; ++s) sr[s] += m[s * mask.ss];
     }
   }
-
-  // Weights and the weighted sum of values.
+  thread_local std::vector<float> inv;
+  inv.resize(rows);
+  for (int r = 0; r < rows; ++r) inv[r] = softmax_row(scores.data() + (int64_t)r * S, S);
+  head_values(scores.data(), rows, v, b, hkv, S, D, acc.data());
   for (int r = 0; r < rows; ++r) {
-    const int h = hkv * rep + r / L, l = r % L;
-    float* sr = scores.data() + (int64_t)r * S;
-    const float inv = softmax_row(sr, S);
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    if (v.bits == 0)
-      wsum_f32(sr, static_cast<const float*>(v.data) + b * v.sb + hkv * v.sh, v.ss, S, D, acc.data());
-    else
-      wsum_quant(sr, static_cast<const uint8_t*>(v.data) + b * v.sb + hkv * v.sh, v.ss, v.scales + b * v.qb + hkv * v.qh,
-                 v.biases + b * v.qb + hkv * v.qh, v.qs, S, D, v.group_size, v.bits, acc.data());
-    float* o = out + ((int64_t)(b * Hq + h) * L + l) * D;
-    if (v.bits == 4) {
-      const int gs = v.group_size, hg = gs / 2;
-      for (int g = 0; g < D / gs; ++g)
-        for (int i = 0; i < hg; ++i) {
-          o[g * gs + 2 * i] = acc[g * gs + i] * inv;
-          o[g * gs + 2 * i + 1] = acc[g * gs + hg + i] * inv;
-        }
-    } else {
-      for (int d = 0; d < D; ++d) o[d] = acc[d] * inv;
-    }
+    float* o = out + ((int64_t)(b * Hq + hkv * rep + r / L) * L + r % L) * D;
+    for (int d = 0; d < D; ++d) o[d] = acc[(int64_t)r * D + d] * inv[r];
   }
 }
 

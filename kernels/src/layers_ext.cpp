@@ -303,6 +303,7 @@ mx::array attention_impl(const mx::array& q, std::vector<mx::array> kv, int bits
     if (t->ndim() != 4 || t->shape(0) != B) fail(op, "keys and values must be [B, kv_heads, S, .] with q's B.");
   }
   const int Hkv = k0.shape(1), S = k0.shape(2);
+  if (D < 1 || D > 512) fail(op, "the head size must be between 1 and 512.");
   if (Hkv < 1 || Hq % Hkv != 0) fail(op, "the query heads must be a multiple of the KV heads.");
   if (v0.shape(1) != Hkv || v0.shape(2) != S) fail(op, "keys and values must have the same heads and length.");
   if (bits) {

@@ -256,3 +256,45 @@ def uninstall(model: Any) -> None:
         current = getattr(module, name, None)
         if current is not None and hasattr(current, "semantic_original"):
             setattr(module, name, current.semantic_original)
+
+
+# Decode pipelining ---------------------------------------------------------------------------------
+#
+# A decode step is built by Python (mlx-lm's forward pass, a few microseconds per op) and computed
+# by MLX's stream thread. Evaluated once per step, the two take turns: MLX lets a graph's evaluation
+# run only ~100 tasks ahead of its stream, so the stream sits idle while Python builds the next
+# step (4-6 ms of a ~25 ms SmolLM2 step here). Handing the step to MLX every few layers
+# (`mx.async_eval` of a layer's output) lets the stream compute the first layers while Python builds
+# the rest. Measured on SmolLM2 decode (2 cores): every layer 1.30x, every 3 layers 1.34x, every 6
+# layers 1.18x; prompt chunks (more than one row per sequence) are left alone.
+
+
+def _pipelined_class(cls: type) -> type:
+    def __call__(self: Any, x: mx.array, *args: Any, **kwargs: Any) -> Any:
+        out = cls.__call__(self, x, *args, **kwargs)
+        if x.ndim == 3 and x.shape[1] == 1 and isinstance(out, mx.array):
+            mx.async_eval(out)  # type: ignore[no-untyped-call]
+        return out
+
+    return type(f"Pipelined{cls.__name__}", (cls,), {"__call__": __call__, "semantic_pipelined": cls})
+
+
+_PIPELINED: dict[type, type] = {}
+
+
+def install_decode_pipelining(model: Any, every: int) -> int:
+    """Evaluate a decode step's hidden state asynchronously after every `every` layers (0: off).
+    Returns how many layers do it."""
+    layers = list(getattr(model, "layers", None) or [])
+    n = 0
+    for i, layer in enumerate(layers):
+        base = getattr(type(layer), "semantic_pipelined", type(layer))
+        want = every > 0 and i % every == every - 1
+        if want:
+            if base not in _PIPELINED:
+                _PIPELINED[base] = _pipelined_class(base)
+            layer.__class__ = _PIPELINED[base]
+            n += 1
+        else:
+            layer.__class__ = base
+    return n

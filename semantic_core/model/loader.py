@@ -122,6 +122,7 @@ def load(settings: Settings, *, progress: Progress | None = None, quiet: bool = 
         weights_mode=settings.mlx_weights,
         numpy_exp=settings.mlx_numpy_exp,
         layer_kernels=settings.mlx_cpu_layer_kernels,
+        pipeline_layers=settings.mlx_cpu_pipeline_layers,
         kv_format=kv_format_for(resolved.model_id, settings.mlx_kv_bits, settings.mlx_kv_group_size),
     )
 
@@ -145,6 +146,7 @@ def load_resolved(
     numpy_exp: bool = True,
     kv_format: kv.KVFormat = kv.UNQUANTIZED,
     layer_kernels: bool = True,
+    pipeline_layers: int = 3,
 ) -> LoadedModel:
     import mlx.core as mx
     from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
@@ -184,14 +186,14 @@ def load_resolved(
         from semantic_core.model import cpu_ops
 
         # MLX's CPU backend runs its fast norm, RoPE and attention as graphs of small ops, each a
-        # dispatch: one primitive each brings a decode step from ~3,500 graph nodes to ~700.
+        # dispatch: one primitive each brings a SmolLM2 decode step from ~3,500 graph nodes to ~1,150.
         layer_ops = (cpu_kernels or _cpu_kernels(quiet=True)) if layer_kernels else None
         if layer_ops is not None:
-            layers = layer_ops.nn.patch_layers(model)
-            kernels = (
-                f"{kernels}, " if kernels != "mlx" else ""
-            ) + f"semantic_kernels layers ({layers} norms and RoPEs, decode attention)"
+            layer_ops.nn.patch_layers(model)
+            kernels = (f"{kernels}, " if kernels != "mlx" else "") + "kernel norm, RoPE and decode attention"
         replaced = cpu_ops.install(model, numpy_exp=numpy_exp, kernel_attention=layer_ops is not None)
+        if cpu_ops.install_decode_pipelining(model, pipeline_layers):
+            kernels += f", decode pipelined every {pipeline_layers} layers"
         if replaced:
             kernels = (
                 ("mlx" if kernels == "mlx" else kernels)
