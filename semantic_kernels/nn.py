@@ -40,7 +40,7 @@ def _eligible(m: nn.Module) -> bool:
     return (
         getattr(m, "mode", "affine") == "affine"
         and m.bits in _SUPPORTED_BITS
-        and m.group_size in _SUPPORTED_GROUPS
+        and (m.group_size in _SUPPORTED_GROUPS or (m.group_size == 16 and m.bits == 8))
         and m.get("biases") is not None
         and m["weight"].ndim == 2
     )
@@ -160,6 +160,23 @@ def unpatch_layers(model: nn.Module) -> int:
                 m.__class__ = base
                 n += 1
     return n
+
+
+def serve_quantized(
+    m: nn.Module, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int
+) -> None:
+    """Make a float nn.Linear a kernel-served quantized layer with the given affine triple (which
+    must represent its weights; the kernels accept 8-bit groups of 16, which MLX's own quantized
+    layers cannot hold). Its bias, if any, is kept."""
+    if type(m) is not nn.Linear:
+        raise TypeError(f"expected an nn.Linear, got {type(m).__name__}")
+    n, k = m["weight"].shape
+    if weight.shape != (n, k * bits // 32) or scales.shape != (n, k // group_size) or biases.shape != scales.shape:
+        raise ValueError(f"an affine triple of shapes {weight.shape}, {scales.shape} does not fit a {n}x{k} layer")
+    m.__class__ = SKQuantizedLinear
+    m["weight"], m["scales"], m["biases"] = weight, scales, biases
+    m.group_size, m.bits, m.mode = group_size, bits, "affine"
+    object.__setattr__(m, "_sk_opts", {"path": None, "prefill": "auto", "prefill_rows": 64})
 
 
 def unpatch_model(model: nn.Module) -> int:

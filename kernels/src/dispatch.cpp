@@ -283,8 +283,10 @@ void parallel_rows(int N, int64_t work_bytes, F&& body) {
 
 void check(const QWeights& q) {
   if (q.bits != 4 && q.bits != 8) throw std::invalid_argument("semantic_kernels: bits must be 4 or 8");
-  if (q.gs != 32 && q.gs != 64 && q.gs != 128)
-    throw std::invalid_argument("semantic_kernels: group_size must be 32, 64 or 128");
+  // Group 16 exists for 8 bits only (exact repacks of GGUF Q6_K weights, see semantic_kernels.nn);
+  // the float paths read 8-bit weights in units of at most 16, one scale each.
+  if (q.gs != 32 && q.gs != 64 && q.gs != 128 && !(q.gs == 16 && q.bits == 8))
+    throw std::invalid_argument("semantic_kernels: group_size must be 32, 64 or 128 (or 16 with 8 bits)");
   if (q.K % q.gs != 0) throw std::invalid_argument("semantic_kernels: K must be a multiple of group_size");
   if (q.groups > 4096) throw std::invalid_argument("semantic_kernels: K / group_size must be <= 4096");
 }
@@ -365,6 +367,8 @@ void parallel_for(int ntasks, int64_t work_bytes, const std::function<void(int)>
 void qmatmul(const float* x, int M, const QWeights& q, float* out, int path) {
   check(q);
   if (!supported(path)) throw std::invalid_argument("semantic_kernels: unsupported path");
+  // The int8 paths quantize x per 32 elements and need weight groups of at least 32.
+  if (q.gs < 32) path = dequant_path(path);
   const PathDef& p = kPaths[path];
   const KernelSet* ks = p.get();
   const int int8 = p.int8 ? 1 : 0;

@@ -63,8 +63,8 @@ std::pair<int, int> check_quantized(const char* op, const mx::array& w, const mx
     msg << "bits must be 4 or 8, got " << bits << ".";
     throw std::invalid_argument(msg.str());
   }
-  if (group_size != 32 && group_size != 64 && group_size != 128) {
-    msg << "group_size must be 32, 64 or 128, got " << group_size << ".";
+  if (group_size != 32 && group_size != 64 && group_size != 128 && !(group_size == 16 && bits == 8)) {
+    msg << "group_size must be 32, 64 or 128 (or 16 with 8 bits), got " << group_size << ".";
     throw std::invalid_argument(msg.str());
   }
   if (w.dtype() != mx::uint32 || w.ndim() != 2) {

