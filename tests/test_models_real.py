@@ -117,6 +117,26 @@ def test_the_import_kept_the_quantized_tensors_exactly(qwen_model_dir):
     assert report["Q5_0"] == {"affine 8-bit, exact": 133}
     assert report["Q8_0"] == {"affine 8-bit, exact": 13}
     assert report["Q4_K"] == {"affine 4-bit, exact": 12}
-    assert report["Q6_K"] == {"float32": 12}  # 16-value sub-blocks: no exact MLX layout
+    # 16-value sub-blocks: no exact MLX layout, so float32, and exact 8-bit groups of 16 beside it
+    assert report["Q6_K"] == {"float32, and 8-bit group 16 exact for the CPU kernels": 12}
     generation = json.loads((qwen_model_dir / "generation_config.json").read_text())
     assert generation["temperature"] == 0.7 and generation["top_k"] == 20
+
+
+def test_the_cpu_kernels_file_holds_the_float32_tensors_exactly(qwen_model_dir):
+    """cpu-kernels.safetensors (Q6_K as 8-bit groups of 16) dequantizes to the model file's float32
+    tensors bit for bit, and the CPU kernels serve those layers from it."""
+    sk = pytest.importorskip("semantic_kernels", reason="the CPU kernels are not built (make setup builds them)")
+    import mlx.core as mx
+
+    from semantic_core.model.gguf_import import CPU_KERNELS_FILE
+
+    side = mx.load(str(qwen_model_dir / CPU_KERNELS_FILE))
+    model = mx.load(str(qwen_model_dir / "model.safetensors"))
+    stems = sorted(k.removesuffix(".weight") for k in side if k.endswith(".weight"))
+    assert len(stems) == 12 and all(s.endswith("mlp.down_proj") for s in stems)
+    for stem in stems[:3]:
+        w, scales, biases = side[f"{stem}.weight"], side[f"{stem}.scales"], side[f"{stem}.biases"]
+        assert scales.shape[-1] * 16 == model[f"{stem}.weight"].shape[-1]
+        dense = sk.dequantize(w, scales, biases, 16, 8, dtype=mx.float32)
+        assert mx.array_equal(dense, model[f"{stem}.weight"]).item(), stem
