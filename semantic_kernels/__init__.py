@@ -55,6 +55,7 @@ __all__ = [
     "set_num_threads",
     "set_path",
     "set_spin_us",
+    "swiglu",
     "use_path",
 ]
 
@@ -125,6 +126,12 @@ def dequantize(
 def rms_norm(x: mx.array, weight: mx.array, eps: float, *, stream=None) -> mx.array:
     """Like mx.fast.rms_norm(x, weight, eps), as one CPU primitive (MLX's CPU runs ~6 ops)."""
     return _ext.rms_norm(x, weight, eps, stream=stream)
+
+
+def swiglu(gate: mx.array, up: mx.array, *, stream=None) -> mx.array:
+    """silu(gate) * up (mlx-lm's `swiglu`), as one CPU primitive with a vectorised exponential (MLX's
+    CPU exp is a scalar loop, ~12 ns an element)."""
+    return _ext.swiglu(gate, up, stream=stream)
 
 
 def rope(

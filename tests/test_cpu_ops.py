@@ -76,6 +76,8 @@ def test_install_routes_prompt_chunks_only_and_uninstall_restores(tiny_loaded):
 
     model = tiny_loaded.model
     module = sys.modules[type(model).__module__]
+    # The options belong to the module (llama here, SmolLM2's too): put back what the loader set.
+    before = {n: dict(getattr(getattr(module, n), "options", {})) for n in ("scaled_dot_product_attention", "swiglu")}
     cpu_ops.uninstall(model)
     original = module.scaled_dot_product_attention
     try:
@@ -105,3 +107,5 @@ def test_install_routes_prompt_chunks_only_and_uninstall_restores(tiny_loaded):
         assert float(mx.max(mx.abs(with_ours - plain))) < 1e-4
     finally:
         cpu_ops.install(model)
+        for name, options in before.items():
+            getattr(module, name).options.update(options)

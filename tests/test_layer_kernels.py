@@ -100,6 +100,15 @@ def test_attention_quantized_cache(bits, group_size, mask):
     assert max_rel(y, ref) < 1e-5
 
 
+def test_swiglu():
+    mx.random.seed(8)
+    gate = mx.random.normal((2, 5, 1536)) * 6
+    up = mx.random.normal((2, 5, 1536))
+    assert max_rel(sk.swiglu(gate, up), nn.silu(gate) * up) < 1e-6
+    extreme = mx.array([-1000.0, -88.0, 0.0, 88.0, 1000.0])
+    assert max_rel(sk.swiglu(extreme, mx.ones_like(extreme)), nn.silu(extreme)) < 1e-6
+
+
 def test_attention_errors():
     q = mx.zeros((1, 4, 1, 64))
     k = mx.zeros((1, 3, 5, 64))

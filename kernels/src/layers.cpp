@@ -46,6 +46,10 @@ SK_INLINE float exp_approx(float x) {
   return under ? 0.0f : y * two_n;
 }
 
+SK_CLONES void swiglu_range(const float* gate, const float* up, int64_t i0, int64_t i1, float* out) {
+  for (int64_t i = i0; i < i1; ++i) out[i] = gate[i] * up[i] / (1.0f + exp_approx(-gate[i]));
+}
+
 SK_CLONES void rope_rows(const float* x, int64_t rows, int D, int dims, bool traditional, const float* cosv,
                          const float* sinv, float* out) {
   const int half = dims / 2;
@@ -233,6 +237,14 @@ void rms_norm(const float* x, int64_t rows, int D, const float* w, float eps, fl
   const int64_t chunk = (rows + tasks - 1) / tasks;
   parallel_for((int)tasks, rows * D * 4, [&](int t) {
     rms_norm_rows(x, t * chunk, std::min(rows, (t + 1) * chunk), D, w, eps, out);
+  });
+}
+
+void swiglu(const float* gate, const float* up, int64_t n, float* out) {
+  constexpr int64_t kChunk = 1 << 14;
+  const int64_t tasks = (n + kChunk - 1) / kChunk;
+  parallel_for((int)tasks, n * 12, [&](int t) {
+    swiglu_range(gate, up, t * kChunk, std::min(n, (t + 1) * kChunk), out);
   });
 }
 

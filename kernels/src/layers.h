@@ -19,6 +19,9 @@ namespace sk {
 // out[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * w   (rows x D, contiguous float32).
 void rms_norm(const float* x, int64_t rows, int D, const float* w, float eps, float* out);
 
+// out[i] = silu(gate[i]) * up[i] = gate[i] * up[i] / (1 + e^-gate[i])   (n contiguous float32).
+void swiglu(const float* gate, const float* up, int64_t n, float* out);
+
 // Rotary embedding of x viewed as [B, N, T, D] (row-major, contiguous float32) into out (same
 // layout). Position of row t of batch b: (t + offsets[b or 0]) * scale. inv_freqs: dims / 2
 // inverse frequencies. traditional: rotate pairs (2i, 2i+1), else (i, i + dims/2). Dimensions at

@@ -88,6 +88,48 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
                    {x, weight});
 }
 
+// -------------------------------------------------------------------------------------- SwiGLU
+
+class SwiGLU : public mx::UnaryPrimitive {
+ public:
+  explicit SwiGLU(mx::Stream s) : mx::UnaryPrimitive(s) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([gv = View::of(inputs[0]), uv = View::of(inputs[1]), out_ptr = out.data<uint8_t>(),
+                  out_dtype = out.dtype(), n = (int64_t)out.size()]() {
+      thread_local std::vector<float> gbuf, ubuf, obuf;
+      const float* g = skx::gather_float(gv, gbuf);
+      const float* u = skx::gather_float(uv, ubuf);
+      float* o = reinterpret_cast<float*>(out_ptr);
+      if (out_dtype != mx::float32) {
+        obuf.resize((size_t)n);
+        o = obuf.data();
+      }
+      sk::swiglu(g, u, n, o);
+      if (out_dtype != mx::float32) skx::store_from_float(o, n, out_dtype, out_ptr);
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("[semantic_kernels.swiglu] has no GPU implementation; run it on the CPU.");
+  }
+  const char* name() const override { return "SemanticSwiGLU"; }
+  bool is_equivalent(const mx::Primitive& other) const override { return dynamic_cast<const SwiGLU*>(&other); }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+};
+
+mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s) {
+  if (gate.shape() != up.shape()) fail("swiglu", "gate and up must have the same shape.");
+  if (!skx::is_float(gate.dtype()) || !skx::is_float(up.dtype()))
+    fail("swiglu", "gate and up must be float32, float16 or bfloat16.");
+  auto stream = mx::to_stream(s, mx::Device::cpu);
+  return mx::array(gate.shape(), result_float(gate.dtype(), up.dtype()), std::make_shared<SwiGLU>(stream),
+                   {gate, up});
+}
+
 // ---------------------------------------------------------------------------------------- RoPE
 
 class RoPE : public mx::UnaryPrimitive {
@@ -351,6 +393,8 @@ mx::array attention_impl(const mx::array& q, std::vector<mx::array> kv, int bits
 void register_layer_ops(nb::module_& m) {
   m.def("rms_norm", &rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
         "Like mx.fast.rms_norm(x, weight, eps), as one CPU primitive.");
+  m.def("swiglu", &swiglu, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "silu(gate) * up, as one CPU primitive with a vectorised exponential.");
   m.def("rope", &rope, "x"_a, "dims"_a, nb::kw_only(), "traditional"_a, "base"_a, "scale"_a, "offset"_a,
         "freqs"_a = nb::none(), "stream"_a = nb::none(), "Like mx.fast.rope, as one CPU primitive.");
   m.def(

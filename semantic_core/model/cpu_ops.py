@@ -204,27 +204,37 @@ def _make_sdpa(original: Any) -> Any:
 
 
 def _make_swiglu(original: Any) -> Any:
+    options = {"numpy_exp": True, "kernel": False}  # set by install()
+
     def swiglu(gate: mx.array, x: mx.array) -> mx.array:
-        if gate.ndim < 2 or gate.shape[-2] == 1 or gate.dtype != mx.float32 or x.dtype != mx.float32:
+        if gate.dtype != mx.float32 or x.dtype != mx.float32:
             result: mx.array = original(gate, x)
+            return result
+        if options["kernel"] and _kernels is not None:
+            # One primitive, vectorised exponential, no synchronisation: every shape.
+            kernel_out: mx.array = _kernels.swiglu(gate, x)
+            return kernel_out
+        if gate.ndim < 2 or gate.shape[-2] == 1 or not options["numpy_exp"]:
+            result = original(gate, x)
             return result
         return cpu_swiglu(gate, x)
 
+    swiglu.options = options  # type: ignore[attr-defined]
     return swiglu
 
 
 _REPLACEMENTS = {"scaled_dot_product_attention": _make_sdpa, "swiglu": _make_swiglu}
 
 
-def install(model: Any, numpy_exp: bool = True, kernel_attention: bool = False) -> list[str]:
+def install(model: Any, numpy_exp: bool = True, layer_kernels: bool = False) -> list[str]:
     """Route the model's prompt-chunk attention and SwiGLU through NumPy's exponential (numpy_exp),
-    attention over quantized KV caches through dequantized float attention (always), and decode
-    attention (a few query rows, float or quantized caches) through the CPU kernels' attention
-    primitive (kernel_attention, when they are built).
+    attention over quantized KV caches through dequantized float attention (always), and, when the
+    CPU kernels are built (layer_kernels), decode attention (a few query rows, float or quantized
+    caches) and every SwiGLU through the kernels' primitives.
 
     Returns the names that use NumPy's exponential in the model's module (none for an architecture
-    that uses neither, or without numpy_exp). The last call's numpy_exp holds for every model of
-    the module.
+    that uses neither, or without numpy_exp). The last call's options hold for every model of the
+    module.
     """
     module = sys.modules.get(type(model).__module__)
     replaced = []
@@ -232,19 +242,17 @@ def install(model: Any, numpy_exp: bool = True, kernel_attention: bool = False) 
         current = getattr(module, name, None)
         if module is None or current is None or not callable(current):
             continue
-        if name == "swiglu" and not numpy_exp:
-            if hasattr(current, "semantic_original"):
-                setattr(module, name, current.semantic_original)
-            continue
         if not hasattr(current, "semantic_original"):
             patched = make(current)
             patched.semantic_original = current
             setattr(module, name, patched)
             current = patched
+        current.options["numpy_exp"] = numpy_exp
         if name == "scaled_dot_product_attention":
-            current.options["numpy_exp"] = numpy_exp
-            current.options["kernel_attention"] = kernel_attention
-        if numpy_exp:
+            current.options["kernel_attention"] = layer_kernels
+        else:
+            current.options["kernel"] = layer_kernels
+        if numpy_exp and not (name == "swiglu" and layer_kernels and _kernels is not None):
             replaced.append(name)
     return replaced
 

@@ -192,8 +192,8 @@ def load_resolved(
         layer_ops = (cpu_kernels or _cpu_kernels(quiet=True)) if layer_kernels else None
         if layer_ops is not None:
             layer_ops.nn.patch_layers(model)
-            kernels = (f"{kernels}, " if kernels != "mlx" else "") + "kernel norm, RoPE and decode attention"
-        replaced = cpu_ops.install(model, numpy_exp=numpy_exp, kernel_attention=layer_ops is not None)
+            kernels = (f"{kernels}, " if kernels != "mlx" else "") + "kernel norm, RoPE, SwiGLU and decode attention"
+        replaced = cpu_ops.install(model, numpy_exp=numpy_exp, layer_kernels=layer_ops is not None)
         if cpu_ops.install_decode_pipelining(model, pipeline_layers):
             kernels += f", decode pipelined every {pipeline_layers} layers"
         if replaced:
@@ -436,4 +436,7 @@ def cpu_kernels_status() -> str:
     except ImportError as exc:
         return f"not built ({exc}); quantized weights are dequantized to float32 on CPU"
     paths = ", ".join(semantic_kernels.available_paths())
-    return f"semantic_kernels, path {semantic_kernels.resolved_path()} (of {paths})"
+    return (
+        f"semantic_kernels, path {semantic_kernels.resolved_path()} (of {paths}); RMS norm, RoPE, SwiGLU and "
+        "decode attention primitives (SEMANTIC_MLX_CPU_LAYER_KERNELS)"
+    )
