@@ -2,6 +2,11 @@
 of 16) against MLX's own ops, and in a real model: the same greedy tokens with and without them
 (skipped, saying why, when the kernels are not built: `make setup` builds them)."""
 
+import json
+import shutil
+import subprocess
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -175,3 +180,42 @@ def test_eight_bit_groups_of_sixteen():
     assert max_rel(y, dense) < 1e-6  # fused multiply-add vs two roundings
     with pytest.raises(ValueError, match="group_size"):
         sk.quantized_matmul(x, mx.zeros((n, k // 8), dtype=mx.uint32), scales, biases, True, 16, 4)
+
+
+_CLONES_SCRIPT = """
+import json, mlx.core as mx, mlx.nn as nn, semantic_kernels as sk
+mx.random.seed(0)
+def err(a, b):
+    return float(mx.abs(a - b).max() / mx.abs(b).max())
+q = mx.random.normal((1, 6, 1, 64)); k = mx.random.normal((1, 2, 40, 64)); v = mx.random.normal((1, 2, 40, 64))
+kq, vq = mx.quantize(k, group_size=32, bits=4), mx.quantize(v, group_size=32, bits=4)
+kd, vd = mx.dequantize(*kq, group_size=32, bits=4), mx.dequantize(*vq, group_size=32, bits=4)
+x = mx.random.normal((2, 3, 4, 64)); w = mx.random.normal((64,)); g = mx.random.normal((5, 100))
+print(json.dumps({
+    "features": sk.cpu_features(),
+    "attention": err(sk.attention(q, k, v, scale=0.125), mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125)),
+    "quantized": err(sk.attention(q, kq, vq, scale=0.125, bits=4, group_size=32),
+                     mx.fast.scaled_dot_product_attention(q, kd, vd, scale=0.125)),
+    "rope": err(sk.rope(x, 64, traditional=False, base=1e4, scale=1.0, offset=9),
+                mx.fast.rope(x, 64, traditional=False, base=1e4, scale=1.0, offset=9)),
+    "norm": err(sk.rms_norm(x, w, 1e-5), mx.fast.rms_norm(x, w, 1e-5)),
+    "swiglu": err(sk.swiglu(g, g), nn.silu(g) * g),
+}))
+"""
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_the_lower_isa_clones_under_valgrind():
+    """The layer kernels' loops are compiled per ISA level and picked by the CPU's features. valgrind
+    shows programs a CPU without AVX-512, so on this machine it runs the clones that AVX2-only CPUs
+    run (a few seconds)."""
+    proc = subprocess.run(
+        ["valgrind", "--tool=none", "-q", sys.executable, "-c", _CLONES_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "avx512=0" in result.pop("features")
+    assert all(e < 1e-5 for e in result.values()), result
