@@ -94,21 +94,11 @@ SK_INLINE float dot(const float* a, const float* b, int n) {
   return s;
 }
 
-SK_CLONES float sum_squares(const float* a, int n) {
-  float acc[kLanes] = {};
-  int i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * a[i + j];
-  float s = hsum(acc);
-  for (; i < n; ++i) s += a[i] * a[i];
-  return s;
-}
-
 SK_CLONES void rms_norm_rows(const float* x, int64_t r0, int64_t r1, int D, const float* w, float eps, float* out) {
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * D;
     float* o = out + r * D;
-    const float ss = sum_squares(xr, D);
+    const float ss = dot(xr, xr, D);
     const float inv = 1.0f / std::sqrt(ss / (float)D + eps);
     for (int i = 0; i < D; ++i) o[i] = (xr[i] * inv) * w[i];
   }

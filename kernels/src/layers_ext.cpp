@@ -35,6 +35,16 @@ namespace {
   throw std::invalid_argument(std::string("[semantic_kernels.") + op + "] " + what);
 }
 
+// What every primitive here does first in eval_cpu: the output's buffer, and the stream's encoder
+// told about the arrays (MLX's CPU ops do the same before dispatching their task).
+mx::cpu::CommandEncoder& begin(const mx::Stream& stream, const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream);
+  for (auto& a : inputs) enc.set_input_array(a);
+  enc.set_output_array(out);
+  return enc;
+}
+
 mx::Dtype result_float(mx::Dtype a, mx::Dtype b) { return mx::promote_types(a, b); }
 
 // ------------------------------------------------------------------------------------ RMS norm
@@ -44,10 +54,7 @@ class RMSNorm : public mx::UnaryPrimitive {
   RMSNorm(mx::Stream s, float eps) : mx::UnaryPrimitive(s), eps_(eps) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = begin(stream(), inputs, out);
     enc.dispatch([xv = View::of(inputs[0]), wv = View::of(inputs[1]), out_ptr = out.data<uint8_t>(),
                   out_dtype = out.dtype(), eps = eps_]() {
       thread_local std::vector<float> xbuf, wbuf, obuf;
@@ -95,10 +102,7 @@ class SwiGLU : public mx::UnaryPrimitive {
   explicit SwiGLU(mx::Stream s) : mx::UnaryPrimitive(s) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = begin(stream(), inputs, out);
     enc.dispatch([gv = View::of(inputs[0]), uv = View::of(inputs[1]), out_ptr = out.data<uint8_t>(),
                   out_dtype = out.dtype(), n = (int64_t)out.size()]() {
       thread_local std::vector<float> gbuf, ubuf, obuf;
@@ -147,10 +151,7 @@ class RoPE : public mx::UnaryPrimitive {
         freqs_input_(freqs_input) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = begin(stream(), inputs, out);
     const auto& x = inputs[0];
     const int B = x.shape(0), T = x.shape(-2), D = x.shape(-1);
     int N = 1;
@@ -277,10 +278,7 @@ class Attention : public mx::UnaryPrimitive {
       : mx::UnaryPrimitive(s), scale_(scale), mask_kind_(mask_kind), bits_(bits), group_size_(group_size) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = begin(stream(), inputs, out);
     const int nkv = bits_ ? 6 : 2;
     std::vector<View> views;
     for (int i = 0; i < 1 + nkv; ++i) views.push_back(View::of(inputs[i]));
