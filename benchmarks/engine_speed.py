@@ -123,8 +123,54 @@ def llamacpp_worker(gguf: str) -> None:
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(vocab,))
         return int(np.argmax(logits))
 
+    batch_ctx: list[Any] = []  # a second context with one sequence per batch row, made on first use
+
+    def handle_batch(tokens: list[int], n: int, rows: int) -> dict[str, Any]:
+        """`rows` copies of the prompt as separate sequences of one context, then one llama_decode of
+        `rows` tokens per step (llama.cpp's own batched decoding), greedy."""
+        if not batch_ctx:
+            params = llama_cpp.llama_context_default_params()
+            params.n_ctx = rows * (len(tokens) + n + 64)
+            params.n_batch = params.n_ubatch = 512
+            params.n_seq_max = rows
+            params.n_threads = params.n_threads_batch = threads
+            batch_ctx.append(llama_cpp.llama_init_from_model(llm._model.model, params))
+        ctx = batch_ctx[0]
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        batch = llama_cpp.llama_batch_init(max(512, rows), 0, 1)
+
+        def decode(entries: list[tuple[int, int, int, bool]]) -> None:  # (token, position, sequence, logits)
+            batch.n_tokens = len(entries)
+            for i, (tok, pos, seq, want) in enumerate(entries):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+                batch.seq_id[i][0], batch.logits[i] = seq, int(want)
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+
+        def argmax_at(i: int) -> int:
+            return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(vocab,))))
+
+        try:
+            start = time.perf_counter()
+            last: list[int] = []
+            for seq in range(rows):
+                for c in range(0, len(tokens), 512):
+                    chunk = tokens[c : c + 512]
+                    decode([(t, c + j, seq, c + j == len(tokens) - 1) for j, t in enumerate(chunk)])
+                last.append(argmax_at(len(chunk) - 1))
+            first = time.perf_counter()
+            for step in range(1, n):
+                decode([(last[seq], len(tokens) + step - 1, seq, True) for seq in range(rows)])
+                last = [argmax_at(seq) for seq in range(rows)]
+            end = time.perf_counter()
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        return {"rows": rows, "prefill_seconds": first - start, "batch_decode_tps": rows * (n - 1) / (end - first)}
+
     def handle(cmd: dict[str, Any]) -> dict[str, Any]:
         tokens, n = cmd["tokens"], cmd["max_tokens"]
+        if cmd.get("rows"):
+            return handle_batch(tokens, n, cmd["rows"])
         llm.reset()
         start = time.perf_counter()
         llm.eval(tokens)
@@ -151,6 +197,16 @@ def llamacpp_worker(gguf: str) -> None:
     _serve(handle, ready)
 
 
+def _batch_decode_rate(runs: list[tuple[float, float, int]]) -> tuple[float, float]:
+    """Aggregate decode tokens/s of requests submitted together, from each one's (time to first token,
+    decode seconds, tokens generated): over the window in which all of them decode (from the last
+    first token to the last end), each request's tokens in it taken at its own average rate."""
+    first = max(ttft for ttft, _, _ in runs)
+    end = max(ttft + decode for ttft, decode, _ in runs)
+    tokens = sum(n * max(0.0, ttft + decode - first) / decode for ttft, decode, n in runs if decode > 0)
+    return first, tokens / (end - first) if end > first else float("nan")
+
+
 def ours_worker(alias: str) -> None:
     from _common import chat_prompt, model_facts
 
@@ -171,6 +227,26 @@ def ours_worker(alias: str) -> None:
             if "prompt" in cmd:  # build a prompt of about this many tokens with the model's template
                 return {"tokens": chat_prompt(engine, cmd["seed"], cmd["prompt"], ASK)}
             runs += 1
+            if cmd.get("rows"):  # that many copies of the prompt at once, each its own agent
+                rows = cmd["rows"]
+                handles = [
+                    engine.submit(
+                        GenerationRequest(
+                            tokens=cmd["tokens"],
+                            max_tokens=cmd["max_tokens"],
+                            temperature=0.0,
+                            agent_id=f"run-{runs}-{i}",
+                        )
+                    )
+                    for i in range(rows)
+                ]
+                results = [h.wait() for h in handles]
+                for r in results:
+                    engine.delete_agent(r.agent_id)
+                first, rate = _batch_decode_rate(
+                    [(r.time_to_first_token or 0.0, r.decode_seconds, r.usage.output_tokens) for r in results]
+                )
+                return {"rows": rows, "prefill_seconds": first, "batch_decode_tps": rate}
             req = GenerationRequest(
                 tokens=cmd["tokens"], max_tokens=cmd["max_tokens"], temperature=0.0, agent_id=f"run-{runs}"
             )
@@ -269,12 +345,17 @@ def measure(alias: str, args: argparse.Namespace, llama_py: Path | None) -> dict
         for side in sides.values():
             side.ask(tokens=warm, max_tokens=4)
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+        batch_runs: dict[str, list[dict[str, Any]]] = {"ours": [], "llama.cpp": []}
         for rep in range(args.reps):
             for name, side in sides.items():
                 if name == "mlx-lm" and rep >= args.mlx_lm_reps:
                     continue
                 progress(f"{alias}: rep {rep + 1}, {name}: {len(prompt)}-token prompt, {args.max_tokens} generated")
                 runs[name].append(side.ask(tokens=prompt, max_tokens=args.max_tokens))
+            for name in ("ours", "llama.cpp"):
+                if args.batch > 1 and name in sides:
+                    progress(f"{alias}: rep {rep + 1}, {name}: {args.batch} copies of the prompt at once")
+                    batch_runs[name].append(sides[name].ask(tokens=prompt, max_tokens=args.max_tokens, rows=args.batch))
         ready = {name: side.ready for name, side in sides.items()}
     finally:
         for side in sides.values():
@@ -289,10 +370,14 @@ def measure(alias: str, args: argparse.Namespace, llama_py: Path | None) -> dict
         theirs = runs["llama.cpp"][0]["tokens"]
         agree = next((i for i, (a, b) in enumerate(zip(ours_tokens, theirs, strict=False)) if a != b), None)
         agree = min(len(ours_tokens), len(theirs)) if agree is None else agree
+    batch_best = {name: max(r["batch_decode_tps"] for r in rs) for name, rs in batch_runs.items() if rs}
     return {
         "alias": alias,
         "prompt_tokens": len(prompt),
         "best": best,
+        "batch": args.batch,
+        "batch_best": batch_best,
+        "batch_runs": batch_runs,
         "runs": {name: [{k: v for k, v in r.items() if k != "tokens"} for r in rs] for name, rs in runs.items()},
         "ready": ready,
         "greedy_prefix_agreeing_with_llama_cpp": agree,
@@ -307,6 +392,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, help="runs of ours and llama.cpp (default 2; 1 with --quick)")
     parser.add_argument(
         "--mlx-lm-reps", type=int, default=1, help="runs of mlx-lm (default 1: it is slow on CPU; 0 leaves it out)"
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=8,
+        help="also decode this many copies of the prompt at once, ours and llama.cpp (default 8; 1 leaves it out)",
     )
     parser.add_argument(
         "--mlx-layers",
@@ -362,12 +453,20 @@ def main() -> None:
                 + [fmt(b[n][key]) if n in b else "-" for n in present]
                 + [fmt_x(ratio(b["ours"][key], b[n][key])) if n in b else "-" for n in others]
             )
+        bb = r.get("batch_best") or {}
+        if "ours" in bb:
+            rows.append(
+                [r["alias"], f"decode x{r['batch']}"]
+                + [fmt(bb[n]) if n in bb else "-" for n in present]
+                + [fmt_x(ratio(bb["ours"], bb[n])) if n in bb else "-" for n in others]
+            )
         rows.append(
             [r["alias"], "memory MB"] + [fmt(b[n]["rss_mb"]) if n in b else "-" for n in present] + [""] * len(others)
         )
     report.table(
         f"tokens/s, best of {args.reps} run(s) ({args.mlx_lm_reps} of mlx-lm); a ~{args.prompt_tokens}-token prompt, "
-        f"{args.max_tokens} tokens generated, greedy; memory: each process's peak resident set over its runs",
+        f"{args.max_tokens} tokens generated, greedy; decode xN: N copies of the prompt at once, aggregate tokens/s "
+        "while all decode; memory: each process's peak resident set over its runs",
         ["model", "phase", *present, *[f"ours / {n}" for n in others]],
         rows,
     )
