@@ -92,6 +92,27 @@ def test_quantized_caches_merge_into_a_batch_and_come_back_exactly():
     assert mask.shape[0] == 3 and int(mx.sum(mask[2]).item()) == 40 + 1
 
 
+def test_a_right_padded_prefill_is_rolled_to_left_padding():
+    """mlx-lm's batch prefill pads prompts on the right, then `finalize` moves the padding to the left:
+    each sequence comes back holding exactly its own tokens, as if it had been prefilled alone."""
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    from semantic_core.model.kv_batch import BatchQuantizedKVCache
+
+    mx.random.seed(11)
+    lengths = [3, 5, 1]
+    keys, values = mx.random.normal((3, 2, 5, 64)), mx.random.normal((3, 2, 5, 64))
+    batch = BatchQuantizedKVCache([0, 0, 0], group_size=32, bits=8)
+    batch.prepare(right_padding=[5 - n for n in lengths])
+    batch.update_and_fetch(keys, values)
+    batch.finalize()
+    assert batch.left_padding.tolist() == [2, 0, 4] and batch.offset.tolist() == lengths
+    for i, n in enumerate(lengths):
+        alone = QuantizedKVCache(group_size=32, bits=8)
+        alone.update_and_fetch(keys[i : i + 1, :, :n], values[i : i + 1, :, :n])
+        assert _same(batch.extract(i), alone), i
+
+
 def test_caches_of_two_formats_never_share_a_batch():
     from semantic_core.model.kv_batch import BatchQuantizedKVCache
 

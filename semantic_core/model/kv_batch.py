@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, QuantizedKVCache
+from mlx_lm.models.cache import BatchKVCache, QuantizedKVCache, dynamic_roll
 
 Triple = Any  # (packed words, scales, biases)
 
@@ -85,8 +85,17 @@ class BatchQuantizedKVCache(BatchKVCache):  # type: ignore[misc]  # mlx-lm is un
         return tuple(x[..., :n, :] for x in self.keys), tuple(x[..., :n, :] for x in self.values)
 
     def finalize(self) -> None:
-        if self._right_padding is not None:  # only mlx-lm's BatchGenerator pads on the right
-            raise NotImplementedError("right padding is not supported for quantized batch caches")
+        """After a right-padded prefill (mlx-lm's `prepare(right_padding=...)`): roll each sequence's
+        padding to the left, as `BatchKVCache.finalize` does, for each array of the triples."""
+        if self._right_padding is None:
+            return
+        padding = self._right_padding[:, None]
+        if self.keys is not None:
+            self.keys = tuple(dynamic_roll(x, padding, axis=2) for x in self.keys)
+            self.values = tuple(dynamic_roll(x, padding, axis=2) for x in self.values)
+        self.offset = self.offset - self._right_padding
+        self.left_padding = self.left_padding + self._right_padding
+        self._right_padding = None
 
     # Membership ------------------------------------------------------------------------------------
 
