@@ -140,8 +140,8 @@ class Settings(BaseSettings):
     )
     mlx_cpu_layer_kernels: bool = Field(
         True,
-        description="On CPU with the kernels built: RMS norm, RoPE and decode attention as one primitive each "
-        "(MLX runs them there as graphs of small ops, each a dispatch).",
+        description="On CPU with the kernels built: RMS norm, RoPE, SwiGLU and decode attention as one primitive "
+        "each (MLX runs them there as graphs of small ops, each a dispatch).",
     )
     mlx_cpu_pipeline_layers: int = Field(
         3,

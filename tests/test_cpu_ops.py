@@ -109,3 +109,43 @@ def test_install_routes_prompt_chunks_only_and_uninstall_restores(tiny_loaded):
         cpu_ops.install(model)
         for name, options in before.items():
             getattr(module, name).options.update(options)
+
+
+def test_decode_pipelining_hands_every_nth_layer_to_mlx_during_decode_only(tiny_loaded, monkeypatch):
+    """Every `every`-th decoder layer evaluates its output asynchronously on a decode step (one row per
+    sequence), never on a prompt chunk, and the logits are those of a step evaluated once."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = tiny_loaded.model
+    layers = list(model.layers)
+    before = [type(layer) for layer in layers]
+    calls = []
+    real_async_eval = mx.async_eval
+
+    def spy(*arrays):
+        calls.append(len(arrays))
+        return real_async_eval(*arrays)
+
+    def run():
+        cache = make_prompt_cache(model)
+        model(mx.array([[1, 2, 3, 4, 5, 6]]), cache=cache)
+        prompt_calls = len(calls)
+        logits = model(mx.array([[7]]), cache=cache)
+        mx.eval(logits)
+        return prompt_calls, len(calls) - prompt_calls, logits
+
+    monkeypatch.setattr(mx, "async_eval", spy)
+    try:
+        assert cpu_ops.install_decode_pipelining(model, 0) == 0
+        calls.clear()
+        assert run()[:2] == (0, 0)
+        plain = run()[2]
+        every = 2
+        assert cpu_ops.install_decode_pipelining(model, every) == len(layers) // every
+        calls.clear()
+        prompt_calls, decode_calls, piped = run()
+        assert prompt_calls == 0 and decode_calls == len(layers) // every
+        assert mx.array_equal(piped, plain).item()
+    finally:
+        for layer, cls in zip(layers, before, strict=True):
+            layer.__class__ = cls

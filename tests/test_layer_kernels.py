@@ -124,8 +124,8 @@ def test_attention_errors():
 
 
 def test_ops_stay_lazy_and_compose():
-    """One evaluation of a graph that chains the ops: nothing is computed eagerly, and the result is
-    that of MLX's ops."""
+    """A graph that chains the ops (views between them, as in a layer) evaluates once to the result
+    of MLX's ops."""
     mx.random.seed(6)
     x = mx.random.normal((1, 1, 128))
     w = mx.ones((128,))

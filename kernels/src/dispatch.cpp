@@ -283,7 +283,8 @@ void parallel_rows(int N, int64_t work_bytes, F&& body) {
 
 void check(const QWeights& q) {
   if (q.bits != 4 && q.bits != 8) throw std::invalid_argument("semantic_kernels: bits must be 4 or 8");
-  // Group 16 exists for 8 bits only (exact repacks of GGUF Q6_K weights, see semantic_kernels.nn);
+  // Group 16 exists for 8 bits only (GGUF Q6_K weights written exactly by the import, see
+  // CPU_KERNELS_FILE in semantic_core/model/gguf_import.py);
   // the float paths read 8-bit weights in units of at most 16, one scale each.
   if (q.gs != 32 && q.gs != 64 && q.gs != 128 && !(q.gs == 16 && q.bits == 8))
     throw std::invalid_argument("semantic_kernels: group_size must be 32, 64 or 128 (or 16 with 8 bits)");

@@ -153,7 +153,9 @@ def load_resolved(
 
     start = time.perf_counter()
     try:
-        model, config = load_model(resolved.path)
+        # Lazy: weights are read when evaluated below, after the choices that replace some of them
+        # (the float32 layers the CPU kernels serve from CPU_KERNELS_FILE are then never read).
+        model, config = load_model(resolved.path, lazy=True)
         tokenizer = load_tokenizer(resolved.path, eos_token_ids=config.get("eos_token_id"))
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise ModelLoadError(f"mlx-lm could not load {resolved.path}: {exc}") from exc
@@ -171,7 +173,6 @@ def load_resolved(
         # The kernels read float16 scales exactly (and half the bytes): only what MLX's own ops
         # dequantize (embedding lookups, layers the kernels do not serve) is widened.
         _widen_scales(model, skip=cpu_kernels.nn.SKQuantizedLinear)
-        mx.eval(model.parameters())
         weights = _describe_quant(config)
         kernels = f"semantic_kernels ({cpu_kernels.resolved_path()}, {patched} layers)"
     elif weights_mode == "dense" or (weights_mode == "auto" and device == "cpu"):
@@ -179,10 +180,10 @@ def load_resolved(
             _widen_scales(model)
             model = dequantize_model(model)
         model.set_dtype(mx.float32)
-        mx.eval(model.parameters())
         weights = "dense float32"
     else:
         weights = _describe_quant(config) if quantized else f"dense {_param_dtype(model)}"
+    mx.eval(model.parameters())
 
     if device == "cpu":
         from semantic_core.model import cpu_ops
