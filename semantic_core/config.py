@@ -172,6 +172,27 @@ class Settings(BaseSettings):
         True, description="Write an agent to disk after every turn (crash-safe), not only on eviction."
     )
 
+    # Cluster: several `semantic serve` sharing one SEMANTIC_AGENT_CACHE_DIR behind a proxy
+    cluster_instance: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="This instance's name in a cluster of instances sharing one agent folder (unset: the "
+        "folder has one user). Each agent is then owned by one instance at a time (a lock per agent): "
+        "a survivor takes over a dead instance's agents from their files, and a live owner hands one "
+        "over when asked.",
+    )
+    cluster_url: str | None = Field(
+        None,
+        description="The URL other instances use to reach this one for handoffs (default: "
+        "http://SEMANTIC_SERVER_HOST:SEMANTIC_SERVER_PORT).",
+    )
+    cluster_handoff_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="How long a request waits for another live instance to hand its agent over before "
+        "it is answered 529 (retryable).",
+    )
+
     # Auth
     anthropic_api_key: SecretStr | None = Field(
         None,
@@ -244,6 +265,18 @@ class Settings(BaseSettings):
     @property
     def quarantine_dir(self) -> Path:
         return self.agent_cache_dir / "quarantine"
+
+    @property
+    def owners_dir(self) -> Path:
+        return self.agent_cache_dir / "owners"
+
+    @property
+    def cluster_advertised_url(self) -> str:
+        if self.cluster_url:
+            return self.cluster_url.rstrip("/")
+        host = self.server_host if self.server_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        return f"http://{host}:{self.server_port}"
 
     def public_dict(self) -> dict[str, Any]:
         """Effective settings by environment variable name, secrets masked."""

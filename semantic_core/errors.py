@@ -60,6 +60,18 @@ class AgentExists(SemanticError):
         self.agent_id = agent_id
 
 
+class AgentElsewhere(SemanticError):
+    """Another live instance of the cluster owns the agent and did not hand it over in time. The
+    request changed nothing: retrying it (after Retry-After) is safe."""
+
+    kind = "overloaded_error"
+
+    def __init__(self, agent_id: str, owner: str | None = None) -> None:
+        where = f"instance {owner!r}" if owner else "another instance"
+        super().__init__(f"agent {agent_id!r} is held by {where} of this cluster; retry shortly")
+        self.agent_id = agent_id
+
+
 class StoreFull(InvalidRequest):
     """SEMANTIC_AGENT_MAX_AGENTS agents exist and none may be recycled."""
 

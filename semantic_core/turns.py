@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from semantic_core.agents.record import validate_agent_id
+from semantic_core.cluster import Handoff
 from semantic_core.config import Settings
 from semantic_core.engine.constraints import Constraint
 from semantic_core.engine.engine import Engine
@@ -116,6 +117,17 @@ class TurnService:
         self._small = ThreadPoolExecutor(max_workers=2, thread_name_prefix="semantic-render")
         self._large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-render-large")
         self._noted: set[str] = set()
+        # In a cluster: takes a named agent over from the instance that holds it, before submission.
+        self.handoff = Handoff(engine.ownership, self.settings) if engine.ownership is not None else None
+
+    async def own(self, agent_id: str) -> None:
+        """In a cluster: this instance owns the agent (a live owner hands it over) and its view here
+        is read from its files. Raises AgentElsewhere when the owner does not let go in time."""
+        if self.handoff is None:
+            return
+        validate_agent_id(agent_id)
+        await self.handoff.acquire(agent_id)
+        await self.engine.acall(lambda: self.engine.adopt(agent_id))
 
     def note_once(self, key: str, message: str) -> None:
         """One log line the first time something happens, not one per request."""
@@ -265,6 +277,8 @@ class TurnService:
     # Starting a turn -----------------------------------------------------------------------------------
 
     async def start(self, turn: Turn) -> Started:
+        if turn.agent_id is not None:
+            await self.own(turn.agent_id)
         agent, system = self._prepare(turn)
         plan = self.tool_plan(turn)
         rendered = self.render(turn.messages, system, plan.tools or self._offered(turn, plan))
@@ -360,7 +374,9 @@ class TurnService:
         return agent, system
 
     def _agent(self, agent_id: str) -> AgentInfo | None:
-        return next((a for a in self.engine.snapshot().agents if a.id == agent_id), None)
+        # In a cluster the agent may have just been read from its files: the snapshot must be current.
+        snapshot = self.engine.snapshot(fresh=self.handoff is not None)
+        return next((a for a in snapshot.agents if a.id == agent_id), None)
 
     def _request(
         self,

@@ -43,8 +43,17 @@ class Route:
     length: int = 0
 
 
-def route(store: AgentStore, tokens: list[int], agent_id: str | None, *, create: bool, busy: set[str]) -> Route:
-    """The agent for a request with this prompt. `busy`: agents serving a request now. Raises
+def route(
+    store: AgentStore,
+    tokens: list[int],
+    agent_id: str | None,
+    *,
+    create: bool,
+    busy: set[str],
+    elsewhere: set[str] | frozenset[str] = frozenset(),
+) -> Route:
+    """The agent for a request with this prompt. `busy`: agents serving a request now;
+    `elsewhere`: agents another instance of the cluster holds (not candidates). Raises
     AgentNotFound, AgentDamaged or ModelMismatch for a named agent that cannot serve."""
     if agent_id is not None:
         if agent_id in busy:
@@ -65,7 +74,7 @@ def route(store: AgentStore, tokens: list[int], agent_id: str | None, *, create:
             return Route(RouteKind.CREATE, agent_id)
         raise AgentNotFound(agent_id)
 
-    match = store.best_prefix(tokens, exclude=busy)
+    match = store.best_prefix(tokens, exclude=busy | elsewhere)
     if match is None or match.length < store.index.block_tokens:
         return Route(RouteKind.NEW)
     candidate = store.get(match.agent_id)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -29,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from semantic_core.agents import disk
+from semantic_core.agents.ownership import Ownership
 from semantic_core.agents.prefix_index import PrefixIndex, PrefixMatch, common_prefix
 from semantic_core.agents.record import AgentRecord, Sampling, generate_agent_id, validate_agent_id
 from semantic_core.errors import (
     AgentDamaged,
+    AgentElsewhere,
     AgentExists,
     AgentNotFound,
     ModelMismatch,
@@ -101,8 +104,13 @@ class AgentStore:
         metrics: Metrics | None = None,
         expect: disk.Expectations | None = None,
         max_agents: int = 0,
+        ownership: Ownership | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
+        # In a cluster (instances sharing this folder): who may write which agent. None: this
+        # process is the folder's only user.
+        self.ownership = ownership
+        self._fresh: set[str] = set()  # owned agents whose view here was re-read after taking them
         self.expect = expect
         self.max_agents = max_agents  # 0: no limit
         self.agents_dir = agents_dir
@@ -128,24 +136,11 @@ class AgentStore:
     def scan(self) -> None:
         """List every saved agent (cold) from its header; quarantine what does not verify."""
         for tmp in disk.stale_temp_files(self.agents_dir):
-            log.info("removing an unfinished save", file=tmp.name)
-            tmp.unlink(missing_ok=True)
+            # In a cluster, a live instance may be writing it: only the agent's owner removes it.
+            if self._may_repair(_temp_owner(tmp.name), functools.partial(tmp.unlink, missing_ok=True)):
+                log.info("removed an unfinished save", file=tmp.name)
         for path in sorted(self.agents_dir.glob(f"*{disk.SUFFIX}")):
-            try:
-                header = disk.read_header(path)
-                if header.fingerprint == self.fingerprint and self.expect is not None:
-                    self.expect.check(header)
-            except disk.CorruptAgentFile as exc:
-                self._quarantine(path, path.stem, str(exc))
-                continue
-            agent = Agent(record=header.record, tokens=header.tokens, disk_bytes=header.size_bytes)
-            agent.saved_version = agent.version
-            agent.compatible = header.fingerprint == self.fingerprint
-            if not agent.compatible and self.expect is not None:
-                agent.mismatch = disk.kv_format_mismatch(header, self.expect, self.model_id)
-            self._register(agent)
-            if agent.compatible:
-                self.index.set(agent.id, agent.tokens)
+            self._scan_file(path)
         for path in sorted(self.agents_dir.glob(f"*{disk.JOURNAL_SUFFIX}")):
             self._apply_journal(path)
         for agent in self._agents.values():
@@ -153,15 +148,56 @@ class AgentStore:
         self._update_disk_gauge()
         log.info("agent store ready", agents=len(self._agents), folder=str(self.agents_dir))
 
+    def _may_repair(self, agent_id: str, repair: Any) -> bool:
+        """Run `repair` (a change to an agent's files found at start-up: a stale temp file, a
+        quarantine) unless another instance of the cluster owns that agent now."""
+        if self.ownership is None:
+            repair()
+            return True
+        if self.ownership.holds(agent_id):
+            repair()
+            return True
+        if not self.ownership.try_acquire(agent_id):
+            return False
+        try:
+            repair()
+        finally:
+            self.ownership.release(agent_id)
+        return True
+
+    def _scan_file(self, path: Path) -> Agent | None:
+        try:
+            header = disk.read_header(path)
+            if header.fingerprint == self.fingerprint and self.expect is not None:
+                self.expect.check(header)
+        except disk.CorruptAgentFile as exc:
+            reason = str(exc)
+            self._may_repair(path.stem, lambda: self._quarantine(path, path.stem, reason))
+            return None
+        agent = Agent(record=header.record, tokens=header.tokens, disk_bytes=header.size_bytes)
+        agent.saved_version = agent.version
+        agent.compatible = header.fingerprint == self.fingerprint
+        if not agent.compatible and self.expect is not None:
+            agent.mismatch = disk.kv_format_mismatch(header, self.expect, self.model_id)
+        self._register(agent)
+        if agent.compatible:
+            self.index.set(agent.id, agent.tokens)
+        return agent
+
     def _apply_journal(self, path: Path) -> None:
         """A turn journal newer than its agent's file supplies the record (the conversation)."""
         try:
             record, fingerprint = disk.read_journal(path)
         except disk.CorruptAgentFile as exc:
-            log.error("a turn journal failed verification and was quarantined", file=path.name, reason=str(exc))
-            disk.quarantine(path, self.quarantine_dir, str(exc))
-            self.quarantined_total += 1
-            self.metrics.quarantined.inc()
+            reason = str(exc)
+
+            def quarantine() -> None:
+                log.error("a turn journal failed verification and was quarantined", file=path.name, reason=reason)
+                disk.quarantine(path, self.quarantine_dir, reason)
+                self.quarantined_total += 1
+                self.metrics.quarantined.inc()
+
+            self._may_repair(path.name[: -len(disk.JOURNAL_SUFFIX)], quarantine)
             return
         agent = self._agents.get(record.id)
         if agent is not None and agent.damaged and record.revision > 0:
@@ -177,7 +213,8 @@ class AgentStore:
             self._register(agent)
             return
         if agent.damaged or record.revision <= agent.record.revision:
-            disk.remove_journal_if_covered(path, agent.record.revision)
+            revision = agent.record.revision
+            self._may_repair(agent.id, lambda: disk.remove_journal_if_covered(path, revision))
             return
         agent.record = record
         agent.changed()  # the file holds an older record: dirty, so it is written again when hot
@@ -249,6 +286,8 @@ class AgentStore:
         if agent_id is None:
             agent_id = generate_agent_id(set(self._folded))
         validate_agent_id(agent_id)
+        if self.ownership is not None and self.take(agent_id) is not None:
+            raise AgentExists(agent_id)  # another instance of the cluster created it
         if agent_id in self._agents:
             raise AgentExists(agent_id)
         other = self._folded.get(agent_id.lower())
@@ -301,6 +340,7 @@ class AgentStore:
     def forget(self, agent: Agent) -> None:
         """Remove an agent from disk, then from memory (the caller released its hot state). If its
         files cannot be removed, nothing changes and StorageError says why."""
+        self._check_owner(agent, "delete")
         self.wait_pending(agent)
         self._journal.submit(lambda: None).result()  # a journal write in flight lands first
         for path in (disk.agent_path(self.agents_dir, agent.id), disk.journal_path(self.agents_dir, agent.id)):
@@ -310,6 +350,9 @@ class AgentStore:
                 raise StorageError(f"could not delete agent {agent.id!r}: {exc.strerror or exc}") from exc
         self.unregister(agent)
         self._update_disk_gauge()
+        if self.ownership is not None:
+            self._fresh.discard(agent.id)
+            self.ownership.release(agent.id)
 
     def unregister(self, agent: Agent) -> None:
         """Drop an agent from memory only (its creation failed, or its files are gone)."""
@@ -407,6 +450,7 @@ class AgentStore:
             return None
         if not agent.dirty and agent.id not in self._pending:
             return None
+        self._check_owner(agent, "write")
         if cache is None:
             if agent.tokens:
                 raise StorageError(f"agent {agent.id!r} has tokens but no cache in memory to save")
@@ -449,6 +493,7 @@ class AgentStore:
     def journal_async(self, agent: Agent) -> Future[float]:
         """Write the agent's record (the finished turn) durably on the journal thread; the future
         gives the seconds it took, or raises StorageError."""
+        self._check_owner(agent, "write")
         record = copy.deepcopy(agent.record)
         path = disk.journal_path(self.agents_dir, agent.id)
         fingerprint, model_id = self.fingerprint, self.model_id
@@ -566,8 +611,96 @@ class AgentStore:
         self.index.remove(agent_id)
         self._update_disk_gauge()
 
+    # Cluster ownership ---------------------------------------------------------------------------
+
+    def take(self, agent_id: str) -> Agent | None:
+        """Make this instance the agent's owner, with a view of it re-read from its files (another
+        instance may have written it since this one last held it). None: no such agent, on disk or
+        here (the lock is kept, for a request that creates it). Raises AgentElsewhere while
+        another live instance holds it. Engine thread. Without a cluster: the agent as known."""
+        if self.ownership is None:
+            return self._agents.get(agent_id)
+        if not self.ownership.try_acquire(agent_id):
+            owner = self.ownership.owner(agent_id)
+            raise AgentElsewhere(agent_id, owner.instance if owner else None)
+        if agent_id not in self._fresh:
+            self._reread(agent_id)
+            self._fresh.add(agent_id)
+        return self._agents.get(agent_id)
+
+    def fresh(self, agent_id: str) -> bool:
+        """Whether this instance owns the agent with an up-to-date view of it (always, alone)."""
+        return self.ownership is None or agent_id in self._fresh
+
+    def may_take(self, agent: Agent) -> bool:
+        """Whether this instance owns the agent or can take it now (routing an unnamed request)."""
+        if self.ownership is None or agent.id in self._fresh:
+            return True
+        try:
+            return self.take(agent.id) is not None
+        except AgentElsewhere:
+            return False
+
+    def _reread(self, agent_id: str) -> None:
+        """Replace what this instance knows of an agent by its files (it is not hot here: hot
+        agents are always owned, and this one was not)."""
+        known = self._agents.get(agent_id)
+        path = disk.agent_path(self.agents_dir, agent_id)
+        fresh: Agent | None = None
+        if os.path.lexists(path):
+            if known is not None:
+                self.unregister(known)
+            fresh = self._scan_file(path)
+        elif known is not None:
+            self.unregister(known)
+        jpath = disk.journal_path(self.agents_dir, agent_id)
+        if jpath.exists():
+            self._apply_journal(jpath)
+        fresh = self._agents.get(agent_id)
+        if fresh is None:
+            return
+        self.went_cold(fresh)
+        if known is not None and known is not fresh:
+            # Keep the object others may hold (by identity), with the files' view inside it.
+            stats = {"reused_tokens": known.reused_tokens, "computed_tokens": known.computed_tokens}
+            known.__dict__.update(fresh.__dict__, **stats)
+            self._agents[agent_id] = known
+
+    def release_if_cold(self, agent: Agent) -> None:
+        """An agent left this instance's memory: once its files are written, others may take it."""
+        if self.ownership is None or not self.ownership.holds(agent.id):
+            return
+        if agent.id in self._pending or (agent.dirty and self._agents.get(agent.id) is agent):
+            return  # written later (eviction saved what it could; a failed save keeps it here)
+        self.hand_over(agent.id)
+
+    def hand_over(self, agent_id: str) -> None:
+        """Give up ownership: every write of the agent in flight lands first."""
+        if self.ownership is None:
+            return
+        agent = self._agents.get(agent_id)
+        if agent is not None:
+            self.wait_pending(agent)
+        self._journal.submit(lambda: None).result()  # a journal write in flight lands first
+        self._fresh.discard(agent_id)
+        self.ownership.release(agent_id)
+
+    def _check_owner(self, agent: Agent, action: str) -> None:
+        if self.ownership is not None and not self.ownership.holds(agent.id):
+            raise StorageError(f"agent {agent.id!r} is not owned by this instance; refusing to {action} it")
+
     def disk_bytes(self) -> int:
         return sum(a.disk_bytes for a in self._agents.values() if a.on_disk)
 
     def _update_disk_gauge(self) -> None:
         self.metrics.disk_bytes.set(self.disk_bytes())
+
+
+def _temp_owner(name: str) -> str:
+    """The agent id in a temp file's name (`.<id>.safetensors.tmp-...`, `.<id>.turn.json.tmp-...`)."""
+    stem = name[1:] if name.startswith(".") else name
+    for suffix in (disk.SUFFIX, disk.JOURNAL_SUFFIX):
+        marker = f"{suffix}.tmp-"
+        if marker in stem:
+            return stem.split(marker, 1)[0]
+    return stem

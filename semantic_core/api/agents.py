@@ -18,6 +18,7 @@ from semantic_core.api.schemas import AgentCreate, AgentFork, AgentPatch
 from semantic_core.engine.engine import Engine
 from semantic_core.engine.snapshot import AgentInfo
 from semantic_core.errors import InvalidRequest
+from semantic_core.turns import TurnService
 
 router = APIRouter(prefix="/v1/agents", tags=["agents"])
 
@@ -119,9 +120,16 @@ async def get_agent(agent_id: str, request: Request) -> dict[str, Any]:
     return {**agent_json(info), "history": messages}
 
 
+async def _own(request: Request, agent_id: str) -> None:
+    """In a cluster: take the agent over from the instance that holds it (see semantic_core.cluster)."""
+    service: TurnService = request.app.state.turns
+    await service.own(validate_agent_id(agent_id))
+
+
 @router.patch("/{agent_id}")
 async def rename_agent(agent_id: str, body: AgentPatch, request: Request) -> dict[str, Any]:
     engine = _engine(request)
+    await _own(request, agent_id)
     info = await asyncio.to_thread(engine.rename_agent, validate_agent_id(agent_id), body.display_name)
     return agent_json(info)
 
@@ -129,12 +137,14 @@ async def rename_agent(agent_id: str, body: AgentPatch, request: Request) -> dic
 @router.delete("/{agent_id}")
 async def delete_agent(agent_id: str, request: Request) -> dict[str, Any]:
     engine = _engine(request)
+    await _own(request, agent_id)
     await asyncio.to_thread(engine.delete_agent, validate_agent_id(agent_id))
     return {"type": "agent_deleted", "id": agent_id, "deleted": True}
 
 
 async def _action(request: Request, agent_id: str, fn_name: str, *args: Any) -> dict[str, Any]:
     engine = _engine(request)
+    await _own(request, agent_id)
     fn = getattr(engine, fn_name)
     info = await asyncio.to_thread(fn, validate_agent_id(agent_id), *args)
     return agent_json(info)
@@ -177,7 +187,17 @@ async def fork_agent(agent_id: str, request: Request, body: AgentFork | None = N
     body = body or AgentFork()
     if body.id is not None:
         validate_agent_id(body.id)
+    await _own(request, agent_id)
     info = await asyncio.to_thread(
         engine.fork_agent, validate_agent_id(agent_id), body.id, display_name=body.display_name
     )
     return JSONResponse(agent_json(info), status_code=201, headers={"x-agent-id": info.id})
+
+
+@router.post("/{agent_id}/release")
+async def release_agent(agent_id: str, request: Request) -> dict[str, Any]:
+    """In a cluster: another instance asks this one to hand the agent over. Its files are written,
+    its cache leaves memory and its lock is released; 400 while it is generating (ask again)."""
+    engine = _engine(request)
+    await asyncio.to_thread(engine.release_agent, validate_agent_id(agent_id))
+    return {"type": "agent_released", "id": agent_id, "instance": engine.settings.cluster_instance}

@@ -89,14 +89,14 @@ def create_app(
             allow_origins=settings.server_cors_origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            expose_headers=["request-id", "x-agent-id", "x-response-time", "retry-after"],
+            expose_headers=["request-id", "x-agent-id", "x-response-time", "retry-after", "x-semantic-instance"],
         )
     app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts)
     app.add_middleware(MetricsMiddleware, metrics=engine.metrics)
     app.add_middleware(AccessLogMiddleware)
     app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(OpenAIErrorMiddleware)
-    app.add_middleware(RequestIDMiddleware)
+    app.add_middleware(RequestIDMiddleware, instance=settings.cluster_instance)
     return app
 
 

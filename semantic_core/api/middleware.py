@@ -41,10 +41,12 @@ def _is_open(path: str) -> bool:
 
 class RequestIDMiddleware:
     """Takes X-Request-ID from the client (if sane) or makes one; binds it to the log context and
-    returns it as `request-id` and `x-request-id`, with `x-response-time` (ms to the first byte)."""
+    returns it as `request-id` and `x-request-id`, with `x-response-time` (ms to the first byte).
+    In a cluster, `x-semantic-instance` names the instance that answered."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, instance: str | None = None) -> None:
         self.app = app
+        self.instance = instance
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,6 +63,8 @@ class RequestIDMiddleware:
                 headers["request-id"] = request_id
                 headers["x-request-id"] = request_id
                 headers["x-response-time"] = f"{(time.perf_counter() - start) * 1000:.2f}ms"
+                if self.instance:
+                    headers["x-semantic-instance"] = self.instance
             await send(message)
 
         structlog.contextvars.clear_contextvars()

@@ -145,7 +145,21 @@ class Admission:
 
     def _resolve(self, seq: Sequence, protect: set[str]) -> Prepared | None:
         req = seq.request
-        decision = route(self.store, seq.prompt, req.agent_id, create=req.create_agent, busy=self.busy())
+        busy = self.busy()
+        if req.agent_id is not None and req.agent_id not in busy:
+            self.store.take(req.agent_id)  # in a cluster: ours, and seen as its files say (or AgentElsewhere)
+        elsewhere: set[str] = set()
+        while True:
+            decision = route(
+                self.store, seq.prompt, req.agent_id, create=req.create_agent, busy=busy, elsewhere=elsewhere
+            )
+            candidate = decision.agent_id if decision.kind is RouteKind.CONTINUE else decision.parent_id
+            if req.agent_id is not None or candidate is None or self.store.fresh(candidate):
+                break
+            # In a cluster: an agent this instance does not hold. Take it (its view is re-read, so
+            # route again), or leave it to the instance that holds it.
+            if not self.store.may_take(self.store.get(candidate)):
+                elsewhere.add(candidate)
         kind = decision.kind
         if kind is RouteKind.WAIT:
             return Prepared(Readiness.BUSY)

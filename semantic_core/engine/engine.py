@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from semantic_core.agents.disk import Expectations
+from semantic_core.agents.ownership import Ownership
 from semantic_core.agents.store import AgentStore
 from semantic_core.config import Settings
 from semantic_core.engine.admission import Admission
@@ -142,6 +143,10 @@ class Engine:
         self.agents: AgentOperations | None = None
         self.publisher: Publisher | None = None
         self.life: Lifecycle | None = None
+        # In a cluster (instances sharing one agents folder): this instance's agent locks.
+        self.ownership: Ownership | None = None
+        if settings.cluster_instance:
+            self.ownership = Ownership(settings.owners_dir, settings.cluster_instance, settings.cluster_advertised_url)
 
     # Life cycle ----------------------------------------------------------------------------------
 
@@ -265,6 +270,16 @@ class Engine:
     def evict_agent(self, agent_id: str) -> AgentInfo:
         return self._ops().evict(agent_id)
 
+    def adopt(self, agent_id: str) -> None:
+        """In a cluster, on the engine thread: the agent (locked by this instance) is seen as its
+        files say. Nothing without a cluster."""
+        if self.store is not None and self.store.ownership is not None:
+            self.store.take(agent_id)
+
+    def release_agent(self, agent_id: str) -> None:
+        """In a cluster: hand the agent over (written, out of memory, unlocked)."""
+        self._ops().release(agent_id)
+
     def load_agent(self, agent_id: str) -> AgentInfo:
         return self._ops().load(agent_id)
 
@@ -367,6 +382,7 @@ class Engine:
             metrics=self.metrics,
             max_agents=s.agent_max_agents,
             expect=Expectations(info.cache_spec, info.vocab_size),
+            ownership=self.ownership,
         )
         self.store.scan()
         self.residency = Residency(self.pool, self.store, s.agent_max_agents_in_memory, self.metrics)
@@ -582,6 +598,8 @@ class Engine:
                     log.error("could not save an agent at shutdown", agent=agent.id, error=str(exc))
         self.store.poll_io()
         self.store.close()
+        if self.store.ownership is not None:
+            self.store.ownership.release_all()
         self._publish(force=True)
 
 

@@ -16,7 +16,14 @@ from semantic_core.agents.store import Agent, AgentStore
 from semantic_core.engine.admission import Admission
 from semantic_core.engine.residency import Residency
 from semantic_core.engine.snapshot import AgentInfo, agent_info
-from semantic_core.errors import AgentBusy, AgentDamaged, InvalidRequest, ModelMismatch, SemanticError
+from semantic_core.errors import (
+    AgentBusy,
+    AgentDamaged,
+    AgentNotFound,
+    InvalidRequest,
+    ModelMismatch,
+    SemanticError,
+)
 from semantic_core.model import kv
 from semantic_core.observability import get_logger
 
@@ -82,35 +89,38 @@ class AgentOperations:
 
     def get(self, agent_id: str) -> tuple[AgentInfo, list[dict[str, Any]]]:
         def op() -> tuple[AgentInfo, list[dict[str, Any]]]:
-            agent = self.store.get(agent_id)
+            agent = self.store.get(agent_id)  # reading: no need to own it
             return self.info(agent), [dict(m) for m in self.store.load_messages(agent)]
 
         return self._run(op)
 
     def save(self, agent_id: str) -> AgentInfo:
         def op() -> AgentInfo:
-            agent = self.store.get(agent_id)
+            agent = self._own(agent_id)
             if self.residency.is_running(agent.id):
                 raise AgentBusy(agent_id, "save")
             if self.residency.is_hot(agent.id):
                 self.store.save(agent, self.residency.cache(agent.id))
+            else:
+                self.store.release_if_cold(agent)
             return self.info(agent)
 
         return self._run(op)
 
     def evict(self, agent_id: str) -> AgentInfo:
         def op() -> AgentInfo:
-            agent = self.store.get(agent_id)
+            agent = self._own(agent_id)
             if self.residency.is_running(agent.id):
                 raise AgentBusy(agent_id, "evict")
             self.residency.evict(agent, reason="manual")
+            self.store.release_if_cold(agent)
             return self.info(agent)
 
         return self._run(op)
 
     def load(self, agent_id: str) -> AgentInfo:
         def op() -> AgentInfo:
-            agent = self.store.get(agent_id)
+            agent = self._own(agent_id)
             self.make_hot(agent)
             return self.info(agent)
 
@@ -118,6 +128,7 @@ class AgentOperations:
 
     def pin(self, agent_id: str, pinned: bool = True) -> AgentInfo:
         def op() -> AgentInfo:
+            self._own(agent_id)
             agent = self.store.set_pinned(agent_id, pinned)
             if pinned:
                 self.make_hot(agent)  # pinning keeps it hot, so it starts hot
@@ -128,6 +139,7 @@ class AgentOperations:
 
     def rename(self, agent_id: str, display_name: str | None) -> AgentInfo:
         def op() -> AgentInfo:
+            self._own(agent_id)
             agent = self.store.rename(agent_id, display_name)
             self._after_record_change(agent)
             return self.info(agent)
@@ -136,7 +148,7 @@ class AgentOperations:
 
     def delete(self, agent_id: str) -> None:
         def op() -> None:
-            agent = self.store.get(agent_id)
+            agent = self._own(agent_id)
             self._busy(agent, "delete")
             self.store.forget(agent)  # raises, changing nothing, if its files cannot be removed
             self.residency.release(agent.id)
@@ -145,7 +157,7 @@ class AgentOperations:
 
     def fork(self, agent_id: str, new_id: str | None = None, *, display_name: str | None = None) -> AgentInfo:
         def op() -> AgentInfo:
-            parent = self.store.get(agent_id)
+            parent = self._own(agent_id)
             if self.residency.is_running(parent.id):
                 raise AgentBusy(agent_id, "fork")
             self.make_hot(parent)
@@ -183,7 +195,7 @@ class AgentOperations:
         Written at once, so the move survives a restart."""
 
         def op() -> AgentInfo:
-            agent = self.store.get(agent_id)
+            agent = self._own(agent_id)
             if agent.damaged:
                 raise AgentDamaged(f"agent {agent.id!r} is damaged: {agent.damaged}")
             if agent.compatible:
@@ -193,7 +205,30 @@ class AgentOperations:
 
         return self._run(op)
 
+    def release(self, agent_id: str) -> None:
+        """In a cluster: hand the agent over to another instance that asked for it (its files are
+        written, its cache leaves memory, its lock is released). Idempotent."""
+        if self.store.ownership is None:
+            raise InvalidRequest("this instance is not part of a cluster (SEMANTIC_CLUSTER_INSTANCE is unset)")
+
+        def op() -> None:
+            agent = self.store._agents.get(agent_id)
+            if agent_id in self.admission.busy() or self.residency.is_running(agent_id):
+                raise AgentBusy(agent_id, "hand over")
+            if agent is not None and self.residency.is_hot(agent_id):
+                self.residency.evict(agent, reason="handoff")
+            self.store.hand_over(agent_id)
+            log.info("agent handed over to another instance", agent=agent_id)
+
+        self._run(op)
+
     # Shared steps ------------------------------------------------------------------------------------
+
+    def _own(self, agent_id: str) -> Agent:
+        """The agent, owned by this instance (in a cluster: taken, seen as its files say)."""
+        if self.store.take(agent_id) is None and agent_id not in self.store:
+            raise AgentNotFound(agent_id)
+        return self.store.get(agent_id)
 
     def _run(self, op: Callable[[], T]) -> T:
         result: T = self._call(op)

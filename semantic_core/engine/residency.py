@@ -195,6 +195,7 @@ class Residency:
             self.store.save(agent, hot.cache)
         self.release(agent.id)
         self.store.went_cold(agent)
+        self.store.release_if_cold(agent)
         self.evictions += 1
         self.metrics.evictions.labels(reason).inc()
         log.info("agent evicted", agent=agent.id, reason=reason, tokens=len(agent.tokens))
