@@ -332,6 +332,134 @@ def serve(
     Runtime(settings).serve()
 
 
+# cluster -------------------------------------------------------------------------------------------
+
+cluster_app = typer.Typer(
+    help="Several `semantic serve` behind haproxy, each agent on one instance.", no_args_is_help=True
+)
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("up")
+def cluster_up(
+    instances: Annotated[int, typer.Option("--instances", "-n", min=1, help="How many instances.")] = 3,
+    port: Annotated[int, typer.Option(help="haproxy's port: where clients connect.")] = 8080,
+    base_port: Annotated[int, typer.Option(help="The first instance's port; the next ones follow.")] = 8101,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="haproxy's configuration, logs and status (default: <agent cache dir>/cluster).")
+    ] = None,
+) -> None:
+    """Start N instances sharing one agents folder, and haproxy in front of them; restart an instance
+    that dies (its agents are served by the others meanwhile). `semantic cluster scale N` (from another
+    terminal) adds or removes instances while it runs. Ctrl-C stops everything; each instance saves
+    its agents."""
+    import signal
+    import time
+
+    from semantic_tui.cluster import Cluster
+
+    settings = _settings()
+    state = state_dir or settings.agent_cache_dir / "cluster"
+    cluster = Cluster(state_dir=state, port=port, base_port=base_port, host=settings.server_host)
+    stop = False
+
+    def on_signal(*_: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    desired = state / "desired"
+    state.mkdir(parents=True, exist_ok=True)
+    desired.write_text(str(instances))
+    try:
+        for _ in range(instances):
+            cluster.add_instance()
+        err.print(f"starting {instances} instances (logs in {state}) ...", highlight=False)
+        cluster.wait_ready()
+        cluster.start_haproxy()
+    except (RuntimeError, TimeoutError) as exc:
+        cluster.stop()
+        raise _fail(str(exc)) from None
+    err.print(
+        f"cluster of {instances} on http://{settings.server_host}:{port} (instances on ports "
+        f"{base_port}-{base_port + instances - 1}); Ctrl-C stops it",
+        highlight=False,
+    )
+    try:
+        while not stop:
+            cluster.write_status()
+            for name in cluster.supervise_once():
+                err.print(f"instance {name} died and was restarted", highlight=False)
+            try:
+                want = int(desired.read_text().strip())
+            except (OSError, ValueError):
+                want = len(cluster.instances)
+            if want >= 1 and want != len(cluster.instances):
+                err.print(f"scaling to {want} instances", highlight=False)
+                cluster.scale(want)
+            time.sleep(1.0)
+    finally:
+        err.print("stopping: every instance saves its agents", highlight=False)
+        cluster.stop()
+
+
+@cluster_app.command("scale")
+def cluster_scale(
+    instances: Annotated[int, typer.Argument(min=1, help="How many instances the running cluster should have.")],
+    state_dir: Annotated[Path | None, typer.Option(help="As given to `semantic cluster up`.")] = None,
+) -> None:
+    """Ask a running `semantic cluster up` for more or fewer instances (only the agents that hash
+    to the new or removed instances move)."""
+    state = state_dir or _settings().agent_cache_dir / "cluster"
+    if not (state / "status.json").exists():
+        raise _fail(f"no running cluster found in {state}")
+    (state / "desired").write_text(str(instances))
+    err.print(f"asked the cluster in {state} for {instances} instances", highlight=False)
+
+
+@cluster_app.command("status")
+def cluster_status(
+    url: Annotated[
+        list[str] | None, typer.Option("--url", help="An instance's URL (repeatable); default: the running cluster's.")
+    ] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="As given to `semantic cluster up`.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Each instance's state (read only, over HTTP): health, agents hot and on disk, pool use."""
+    import json
+
+    from semantic_tui.cluster import instance_status
+
+    urls = list(url or [])
+    if not urls:
+        state = state_dir or _settings().agent_cache_dir / "cluster"
+        try:
+            urls = [str(i["url"]) for i in json.loads((state / "status.json").read_text())["instances"]]
+        except (OSError, ValueError, KeyError):
+            raise _fail(f"no running cluster found in {state}; give --url") from None
+    key = _settings().anthropic_api_key
+    rows = [instance_status(u, key.get_secret_value().split(",")[0] if key else None) for u in urls]
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(box=None)
+    for col in ("instance", "url", "ready", "agents", "hot", "generating", "pool used", "requests"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            str(r.get("instance") or "?"),
+            str(r["url"]),
+            "yes" if r.get("ready") else "no",
+            str(r.get("agents", "-")),
+            str(r.get("hot", "-")),
+            str(r.get("generating", "-")),
+            str(r.get("pool", "-")),
+            str(r.get("requests", "-")),
+        )
+    console.print(table)
+
+
 # generate ------------------------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,3 +296,43 @@ class Cluster:
             self.haproxy.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.haproxy.wait(10)
+
+
+def instance_status(url: str, api_key: str | None = None) -> dict[str, object]:
+    """One instance's state from its probes and metrics (read only): what `semantic cluster status`
+    prints for each instance."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = url.rstrip("/")
+    row: dict[str, object] = {"url": url, "ready": False}
+    headers = {"x-api-key": api_key} if api_key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/health/ready", headers=headers), timeout=3) as r:
+            row["ready"] = r.status == 200
+            row["instance"] = r.headers.get("x-semantic-instance")
+    except urllib.error.HTTPError as exc:
+        row["instance"] = exc.headers.get("x-semantic-instance")
+    except OSError as exc:
+        row["error"] = str(getattr(exc, "reason", exc))
+        return row
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/metrics", headers=headers), timeout=3) as r:
+            text = r.read().decode()
+    except OSError:
+        return row
+    tiers: dict[str, float] = {}
+    requests = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "semantic_agents":
+                tiers[sample.labels.get("tier", "?")] = sample.value
+            elif sample.name == "semantic_agents_active":
+                row["generating"] = int(sample.value)
+            elif sample.name == "semantic_pool_utilization_ratio":
+                row["pool"] = f"{sample.value:.0%}"
+            elif sample.name == "semantic_request_total":
+                requests += sample.value
+    row["agents"] = int(sum(tiers.values()))
+    row["hot"] = int(tiers.get("hot", 0))
+    row["requests"] = int(requests)
+    return row

@@ -624,7 +624,7 @@ class AgentStore:
             owner = self.ownership.owner(agent_id)
             raise AgentElsewhere(agent_id, owner.instance if owner else None)
         if agent_id not in self._fresh:
-            self._reread(agent_id)
+            self.reread(agent_id)
             self._fresh.add(agent_id)
         return self._agents.get(agent_id)
 
@@ -641,7 +641,7 @@ class AgentStore:
         except AgentElsewhere:
             return False
 
-    def _reread(self, agent_id: str) -> None:
+    def reread(self, agent_id: str) -> None:
         """Replace what this instance knows of an agent by its files (it is not hot here: hot
         agents are always owned, and this one was not)."""
         known = self._agents.get(agent_id)

@@ -89,7 +89,9 @@ class AgentOperations:
 
     def get(self, agent_id: str) -> tuple[AgentInfo, list[dict[str, Any]]]:
         def op() -> tuple[AgentInfo, list[dict[str, Any]]]:
-            agent = self.store.get(agent_id)  # reading: no need to own it
+            if not self.store.fresh(agent_id):
+                self.store.reread(agent_id)  # in a cluster: read what its files say now, without owning it
+            agent = self.store.get(agent_id)
             return self.info(agent), [dict(m) for m in self.store.load_messages(agent)]
 
         return self._run(op)
