@@ -139,6 +139,7 @@ class Cluster:
     env: dict[str, str] = field(default_factory=dict)  # extra settings for every instance
     instances: dict[str, Instance] = field(default_factory=dict)
     haproxy: subprocess.Popen[bytes] | None = None
+    clustered: bool = True  # False: plain instances, not sharing agents (a benchmark's single instance)
 
     # Instances -------------------------------------------------------------------------------------
 
@@ -157,9 +158,9 @@ class Cluster:
             **self.env,
             "SEMANTIC_SERVER_HOST": "127.0.0.1",
             "SEMANTIC_SERVER_PORT": str(inst.port),
-            "SEMANTIC_CLUSTER_INSTANCE": inst.name,
-            "SEMANTIC_CLUSTER_URL": inst.url,
         }
+        if self.clustered:
+            env |= {"SEMANTIC_CLUSTER_INSTANCE": inst.name, "SEMANTIC_CLUSTER_URL": inst.url}
         with open(inst.log_path, "ab") as log:
             inst.process = subprocess.Popen(
                 [sys.executable, "-m", "semantic_tui.cli", "serve"],

@@ -23,7 +23,7 @@ import copy
 import functools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +111,7 @@ class AgentStore:
         # process is the folder's only user.
         self.ownership = ownership
         self._fresh: set[str] = set()  # owned agents whose view here was re-read after taking them
+        self.in_use: Callable[[str], bool] = lambda _agent_id: False  # held by a request (admission)
         self.expect = expect
         self.max_agents = max_agents  # 0: no limit
         self.agents_dir = agents_dir
@@ -668,7 +669,7 @@ class AgentStore:
 
     def release_if_cold(self, agent: Agent) -> None:
         """An agent left this instance's memory: once its files are written, others may take it."""
-        if self.ownership is None or not self.ownership.holds(agent.id):
+        if self.ownership is None or not self.ownership.holds(agent.id) or self.in_use(agent.id):
             return
         if agent.id in self._pending or (agent.dirty and self._agents.get(agent.id) is agent):
             return  # written later (eviction saved what it could; a failed save keeps it here)

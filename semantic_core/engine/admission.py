@@ -50,6 +50,9 @@ class Admission:
         self.wake = wake
         self.claims: dict[str, Sequence] = {}  # agent id -> the sequence it serves
         self.loading: dict[int, PendingLoad] = {}  # sequence id -> its read in flight
+        # In a cluster, an agent a request holds (a preempted one, saved and out of memory) keeps
+        # its owner.
+        store.in_use = lambda agent_id: agent_id in self.claims or agent_id in self.loading_agents()
 
     # Claims --------------------------------------------------------------------------------------
 
@@ -85,6 +88,7 @@ class Admission:
         assert seq.agent_id is not None
         agent = self.store.get(seq.agent_id)
         if not self.residency.is_hot(agent.id):
+            self.store.take(agent.id)  # in a cluster: only its owner makes an agent hot
             if agent.on_disk and agent.tokens:
                 return self._start_load(seq, agent)
             try:
