@@ -193,6 +193,14 @@ class Settings(BaseSettings):
         "it is answered 529 (retryable).",
     )
 
+    # Distributed: one model over several processes (`semantic serve --ranks N`)
+    distributed_backend: Literal["any", "ring", "mpi"] = Field(
+        "any",
+        description="mx.distributed backend of `semantic serve --ranks N` / `--distributed`: mpi (OpenMPI's "
+        "mpirun; blocks politely, fastest here), ring (TCP, no dependency; its ranks poll while they wait), "
+        "or any (mpi when mpirun is installed, else ring).",
+    )
+
     # Auth
     anthropic_api_key: SecretStr | None = Field(
         None,

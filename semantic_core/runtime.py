@@ -28,9 +28,11 @@ log = get_logger("semantic.runtime")
 
 
 class Runtime:
-    def __init__(self, settings: Settings, *, loaded: LoadedModel | None = None, serve_api: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, *, loaded: LoadedModel | None = None, serve_api: bool = True, group: Any = None
+    ) -> None:
         self.settings = settings
-        self.engine = Engine(settings, loaded=loaded)
+        self.engine = Engine(settings, loaded=loaded, group=group)
         self.turns = TurnService(self.engine, settings)
         self.serve_api = serve_api
         self.api_state = "starting" if serve_api else "off (--no-server)"
@@ -56,6 +58,20 @@ class Runtime:
         server.run()
         self.turns.close()
         if engine.crash is not None:
+            raise EngineDied()
+
+    def follow(self) -> None:
+        """A follower rank of a distributed engine (`semantic serve --distributed`, rank > 0): the
+        engine in lockstep with rank 0, no API, until rank 0 stops it. Signals are rank 0's to act
+        on (a launcher may send them to every rank): a follower that left early would stall the group."""
+        import signal
+
+        configure_logging(self.settings.server_log_level)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        self.engine.start()
+        self.engine.wait_stopped()
+        if self.engine.crash is not None:
             raise EngineDied()
 
     # Embedded ---------------------------------------------------------------------------------------

@@ -296,12 +296,63 @@ def serve(
     workers: Annotated[int | None, typer.Option(help="Worker processes; only 1 is supported.")] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR or PRODUCTION (JSON).")] = None,
     reload: Annotated[bool, typer.Option(help="Restart on code changes (development).")] = False,
+    ranks: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Split the model over this many processes on this machine (mlx-lm pipeline parallelism, "
+            "qwen2 and a few others): each holds its share of the layers; rank 0 serves HTTP.",
+        ),
+    ] = 1,
+    distributed: Annotated[
+        bool,
+        typer.Option(help="This process is one rank of a group started by a launcher (--ranks, mpirun, mlx.launch)."),
+    ] = False,
 ) -> None:
     """Serve the Anthropic-compatible API headless (same engine as the TUI)."""
     from semantic_core.api.server import port_in_use
     from semantic_core.runtime import Runtime
 
     settings = _settings(server_host=host, server_port=port, server_workers=workers, server_log_level=log_level)
+    if ranks > 1 and not distributed:
+        from semantic_tui.cluster import launch_ranks
+
+        if settings.cluster_instance:
+            raise _fail("a distributed engine cannot be part of a cluster (unset SEMANTIC_CLUSTER_INSTANCE)")
+        if port_in_use(settings.server_host, settings.server_port):
+            raise _fail(f"port {settings.server_port} on {settings.server_host} is already in use")
+        extra = [
+            a
+            for flag, v in (("--host", host), ("--port", port), ("--log-level", log_level))
+            if v is not None
+            for a in (flag, str(v))
+        ]
+        err.print(
+            f"starting {ranks} ranks ({settings.distributed_backend} backend); rank 0 serves "
+            f"http://{settings.server_host}:{settings.server_port}",
+            highlight=False,
+        )
+        raise typer.Exit(launch_ranks(ranks, settings.distributed_backend, extra))
+    if distributed:
+        from semantic_core.engine.distributed import finalize, init_group
+
+        try:
+            group = init_group(settings.distributed_backend)
+        except RuntimeError as exc:
+            raise _fail(str(exc)) from None
+        code: int | str | None = 0
+        try:
+            if group.rank() != 0:
+                Runtime(settings, group=group).follow()
+            elif port_in_use(settings.server_host, settings.server_port):
+                err.print(f"port {settings.server_port} on {settings.server_host} is already in use")
+                code = 1
+            else:
+                Runtime(settings, group=group).serve()
+        except SystemExit as exc:
+            code = exc.code
+        finalize(settings.distributed_backend, code if isinstance(code, int) else 1)
+        raise typer.Exit(code if isinstance(code, int) else 1)
     if port_in_use(settings.server_host, settings.server_port):
         raise _fail(
             f"port {settings.server_port} on {settings.server_host} is already in use: stop the other "

@@ -337,3 +337,86 @@ def instance_status(url: str, api_key: str | None = None) -> dict[str, object]:
     row["hot"] = int(tiers.get("hot", 0))
     row["requests"] = int(requests)
     return row
+
+
+# One model over several processes ----------------------------------------------------------------------
+
+
+def launch_ranks(n: int, backend: str, serve_args: list[str]) -> int:
+    """`semantic serve --ranks N`: N processes of `semantic serve --distributed` on this machine, one
+    mx.distributed group (OpenMPI's mpirun, or MLX's ring backend over loopback). Returns rank 0's
+    exit status. Signals go to rank 0, which stops the others through the engine's lockstep."""
+    import tempfile
+
+    env = {**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED") or "0"}
+    cmd = [sys.executable, "-m", "semantic_tui.cli", "serve", "--distributed", *serve_args]
+    mpirun = shutil.which("mpirun")
+    if backend == "mpi" and mpirun is None:
+        print("the mpi backend needs OpenMPI's mpirun (Debian/Ubuntu: apt-get install openmpi-bin)", file=sys.stderr)
+        return 2
+    procs: list[subprocess.Popen[bytes]] = []
+    if mpirun is not None and backend in ("mpi", "any"):
+        env |= {
+            "SEMANTIC_DISTRIBUTED_BACKEND": "mpi",
+            "OMPI_ALLOW_RUN_AS_ROOT": "1",
+            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        }
+        env.setdefault("MLX_MPI_LIBNAME", "libmpi.so.40")
+        exported = [k for k in env if k.startswith(("SEMANTIC_", "MLX_", "PYTHON", "XDG_", "OMP_", "HOME", "PATH"))]
+        argv = [mpirun, "-np", str(n), "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", "lo"]
+        argv += ["--mca", "mpi_yield_when_idle", "1"]  # a rank waiting for another leaves it the core
+        for key in exported:
+            argv += ["-x", key]
+        procs.append(subprocess.Popen([*argv, *cmd], env=env))
+        leader = procs[0]
+    else:
+        from semantic_core.api.server import port_in_use
+
+        base = 0
+        for candidate in range(41000, 60000, 97):
+            if not any(port_in_use("127.0.0.1", candidate + i) for i in range(n)):
+                base = candidate
+                break
+        hostfile = Path(tempfile.mkstemp(prefix="semantic-ring-", suffix=".json")[1])
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{base + i}"] for i in range(n)]))
+        env |= {"SEMANTIC_DISTRIBUTED_BACKEND": "ring", "MLX_HOSTFILE": str(hostfile)}
+        for rank in range(n):
+            procs.append(subprocess.Popen(cmd, env={**env, "MLX_RANK": str(rank)}))
+        leader = procs[0]
+
+    def forward(sig: int, _frame: object) -> None:
+        if leader.poll() is not None:
+            return
+        # Under mpirun, rank 0 itself (mpirun would pass the signal to every rank and exit 1).
+        rank0 = _mpi_rank0(leader.pid) if leader.args[0] == mpirun else None
+        if rank0 is not None:
+            os.kill(rank0, sig)
+        else:
+            leader.send_signal(sig)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    code = leader.wait()
+    for p in procs[1:]:  # followers end with rank 0's stop; one left behind is stuck in a collective
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    return code
+
+
+def _mpi_rank0(mpirun_pid: int) -> int | None:
+    """The pid of rank 0 among mpirun's children (Linux /proc), if found."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid != mpirun_pid:
+                continue
+            if b"OMPI_COMM_WORLD_RANK=0\0" in Path(f"/proc/{entry}/environ").read_bytes() + b"\0":
+                return int(entry)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None

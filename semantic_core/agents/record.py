@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import secrets
 import time
@@ -68,10 +69,14 @@ def validate_agent_id(agent_id: str) -> str:
     return agent_id
 
 
-def generate_agent_id(taken: set[str] | None = None) -> str:
+def generate_agent_id(taken: set[str] | None = None, rng: random.Random | None = None) -> str:
+    """A new readable id. `rng`: draw from it (ranks of a distributed engine draw the same ids)."""
     taken = taken or set()
     while True:
-        candidate = f"{secrets.choice(_ADJECTIVES)}-{secrets.choice(_NOUNS)}-{secrets.token_hex(2)}"
+        if rng is not None:
+            candidate = f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}-{rng.getrandbits(16):04x}"
+        else:
+            candidate = f"{secrets.choice(_ADJECTIVES)}-{secrets.choice(_NOUNS)}-{secrets.token_hex(2)}"
         if candidate not in taken:
             return candidate
 

@@ -22,9 +22,10 @@ import contextlib
 import copy
 import functools
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,7 @@ class AgentStore:
         expect: disk.Expectations | None = None,
         max_agents: int = 0,
         ownership: Ownership | None = None,
+        inline_io: bool = False,
     ) -> None:
         self.metrics = metrics or Metrics()
         # In a cluster (instances sharing this folder): who may write which agent. None: this
@@ -122,11 +124,16 @@ class AgentStore:
         self._agents: dict[str, Agent] = {}
         self._folded: dict[str, str] = {}  # lower-cased id -> id: ids are unique ignoring case
         self._pending: dict[str, Future[tuple[int, int, float]]] = {}  # saves in flight, by agent
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-writer")
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-reader")
+        self._writer: Executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-writer")
+        self._reader: Executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-reader")
         # Turn journals are small and hold answers back until they are durable: they never wait
         # behind a large tensor write.
-        self._journal = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-journal")
+        self._journal: Executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-journal")
+        if inline_io:
+            # Distributed ranks: every read and write done when asked, so that no rank's decisions
+            # depend on how fast its disk was (see engine/distributed.py).
+            self._writer = self._reader = self._journal = InlineExecutor()
+        self.id_rng: random.Random | None = None  # agent ids drawn from it (distributed ranks agree)
         self.quarantined_total = 0
         self.saves_total = 0
         self.loads_total = 0
@@ -285,7 +292,7 @@ class AgentStore:
     ) -> Agent:
         implicit = agent_id is None
         if agent_id is None:
-            agent_id = generate_agent_id(set(self._folded))
+            agent_id = generate_agent_id(set(self._folded), rng=self.id_rng)
         validate_agent_id(agent_id)
         if self.ownership is not None and self.take(agent_id) is not None:
             raise AgentExists(agent_id)  # another instance of the cluster created it
@@ -705,3 +712,15 @@ def _temp_owner(name: str) -> str:
         if marker in stem:
             return stem.split(marker, 1)[0]
     return stem
+
+
+class InlineExecutor(Executor):
+    """Runs each task when it is submitted: the future is done on return."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future

@@ -42,6 +42,7 @@ from semantic_core.config import Settings
 from semantic_core.engine.admission import Admission
 from semantic_core.engine.block_pool import BlockPool
 from semantic_core.engine.constraints import Grammars
+from semantic_core.engine.distributed import Distributed, Tick
 from semantic_core.engine.handle import RequestHandle
 from semantic_core.engine.lifecycle import Lifecycle
 from semantic_core.engine.operations import AgentOperations
@@ -53,13 +54,17 @@ from semantic_core.engine.scheduler import Scheduler, StepPlan
 from semantic_core.engine.snapshot import AgentInfo, EngineSnapshot, Publisher
 from semantic_core.engine.types import (
     Event,
+    Failed,
+    Finished,
     GenerationRequest,
     GenerationResult,
     PrefillProgress,
+    Started,
 )
 from semantic_core.engine.validation import validate_request
 from semantic_core.errors import (
     EngineStopped,
+    InvalidRequest,
     SemanticError,
 )
 from semantic_core.model import kv
@@ -106,12 +111,40 @@ class Stop:
     save: bool
 
 
-InboxItem = Submit | Cancel | Call | Stop
+@dataclass(frozen=True)
+class Op:
+    """An agent operation by name (`AgentOperations.<name>`): in distributed mode every rank runs it."""
+
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    future: Future[Any] | None
+
+
+InboxItem = Submit | Cancel | Call | Stop | Op
+
+
+class _Mirror(RequestHandle):
+    """A follower rank's handle: the request runs there too, and nobody listens to its events."""
+
+    def deliver(self, event: Event) -> None:
+        if isinstance(event, Started):
+            self.agent_id = event.agent_id
+        elif isinstance(event, Finished):
+            self.result = event.result
+        elif isinstance(event, Failed):
+            self.error = event.error
+        if isinstance(event, Finished | Failed):
+            self.done.set()
 
 
 class Engine:
-    def __init__(self, settings: Settings, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, settings: Settings, loaded: LoadedModel | None = None, group: Any = None) -> None:
         self.settings = settings
+        # Distributed mode (an mx.distributed group of more than one rank): every rank runs this
+        # engine in lockstep with rank 0 (see distributed.py).
+        self.dist: Distributed | None = Distributed(group) if group is not None and group.size() > 1 else None
+        self._mirrors: dict[int, RequestHandle] = {}  # follower ranks: rank 0's handle id -> ours
         # This engine's metrics (and its API's): never shared with another engine in the process.
         self.metrics = Metrics()
         self._loaded = loaded
@@ -185,6 +218,11 @@ class Engine:
         self._stopped.wait(timeout)
         self.metrics.ready.set(0)
 
+    def wait_stopped(self) -> None:
+        """Block until the engine thread has stopped (or died)."""
+        while not self._stopped.wait(1.0) and not self.dead.is_set():
+            pass
+
     def __enter__(self) -> Engine:
         return self.start()
 
@@ -201,6 +239,11 @@ class Engine:
         """Queue a request. Pass `loop` (or use `submit_async`) to consume events with `async for`."""
         self._check_accepting()
         assert self.info is not None
+        if self.dist is not None and request.constraint is not None:
+            raise InvalidRequest(
+                "forced tool calls and JSON output formats are not available when the model is split over "
+                "several processes (semantic serve --ranks)"
+            )
         validate_request(request, self.info, queue_depth=self.queue_depth(), max_queue=self.settings.server_max_queue)
         handle = RequestHandle(request, loop, lambda h: self._post(Cancel(h)))
         self._post(Submit(handle))
@@ -255,8 +298,20 @@ class Engine:
             raise EngineStopped("the engine has not started")
         return self.agents
 
+    def _op(self, name: str, *args: Any, **kwargs: Any) -> Any:  # the operation's own result
+        """An agent operation; in distributed mode every rank runs it, in the same place between steps."""
+        ops = self._ops()
+        if self.dist is None or threading.current_thread() is self._thread:
+            return getattr(ops, name)(*args, **kwargs)
+        if self._stopped.is_set():
+            raise EngineStopped()
+        fut: Future[Any] = Future()
+        self._post(Op(name, args, kwargs, fut))
+        return fut.result(120.0)
+
     def create_agent(self, agent_id: str | None = None, **fields: Any) -> AgentInfo:
-        return self._ops().create(agent_id, **fields)
+        info: AgentInfo = self._op("create", agent_id, **fields)
+        return info
 
     def list_agents(self) -> list[AgentInfo]:
         return self._ops().all()
@@ -265,10 +320,12 @@ class Engine:
         return self._ops().get(agent_id)
 
     def save_agent(self, agent_id: str) -> AgentInfo:
-        return self._ops().save(agent_id)
+        info: AgentInfo = self._op("save", agent_id)
+        return info
 
     def evict_agent(self, agent_id: str) -> AgentInfo:
-        return self._ops().evict(agent_id)
+        info: AgentInfo = self._op("evict", agent_id)
+        return info
 
     def adopt(self, agent_id: str) -> None:
         """In a cluster, on the engine thread: the agent (locked by this instance) is seen as its
@@ -281,22 +338,27 @@ class Engine:
         self._ops().release(agent_id)
 
     def load_agent(self, agent_id: str) -> AgentInfo:
-        return self._ops().load(agent_id)
+        info: AgentInfo = self._op("load", agent_id)
+        return info
 
     def pin_agent(self, agent_id: str, pinned: bool = True) -> AgentInfo:
-        return self._ops().pin(agent_id, pinned)
+        info: AgentInfo = self._op("pin", agent_id, pinned)
+        return info
 
     def rename_agent(self, agent_id: str, display_name: str | None) -> AgentInfo:
-        return self._ops().rename(agent_id, display_name)
+        info: AgentInfo = self._op("rename", agent_id, display_name)
+        return info
 
     def delete_agent(self, agent_id: str) -> None:
-        self._ops().delete(agent_id)
+        self._op("delete", agent_id)
 
     def fork_agent(self, agent_id: str, new_id: str | None = None, *, display_name: str | None = None) -> AgentInfo:
-        return self._ops().fork(agent_id, new_id, display_name=display_name)
+        info: AgentInfo = self._op("fork", agent_id, new_id, display_name=display_name)
+        return info
 
     def rehome_agent(self, agent_id: str) -> AgentInfo:
-        return self._ops().rehome(agent_id)
+        info: AgentInfo = self._op("rehome", agent_id)
+        return info
 
     # Snapshots for readers on other threads ----------------------------------------------------------
 
@@ -342,7 +404,10 @@ class Engine:
             return
         self._started.set()
         try:
-            self._loop()
+            if self.dist is not None and not self.dist.leader:
+                self._follow()
+            else:
+                self._loop()
         except BaseException as exc:  # a bug the per-request guards did not contain: fail loudly
             self.crash = exc
             log.critical("the engine loop crashed; no request can be served until the process restarts", exc_info=exc)
@@ -364,15 +429,31 @@ class Engine:
     def _boot(self) -> None:
         from semantic_core.model import loader
 
+        dist = self.dist
         if self._loaded is None:
-            self._loaded = loader.load(self.settings)
+            self._loaded = loader.load(self.settings, pipeline_group=dist.group if dist is not None else None)
         self.model = self._loaded.model
         self.tokenizer = self._loaded.tokenizer
         info = self.info = self._loaded.info
+        bytes_per_token = info.bytes_per_token
+        s = self.settings
+        if dist is not None:
+            import random
+
+            import mlx.core as mx
+
+            # Same pool on every rank (blocks decide evictions), same draws (sampling, agent ids).
+            bytes_per_token = dist.max_int(info.bytes_per_token)
+            seed = dist.shared_seed()
+            mx.random.seed(seed)
+            id_rng = random.Random(seed)
+            # Each rank keeps its own layers' caches, in a folder of its own.
+            s = self.settings = s.model_copy(
+                update={"agent_cache_dir": s.agent_cache_dir / f"pp{dist.rank}of{dist.size}"}
+            )
         self.tool_format = ToolFormat.of(self.tokenizer)
         self.grammars = Grammars(self.tokenizer, info.vocab_size, sorted(self.tokenizer.eos_token_ids))
-        s = self.settings
-        self.pool = BlockPool.from_budget(s.mlx_cache_budget_mb, s.mlx_block_tokens, info.bytes_per_token)
+        self.pool = BlockPool.from_budget(s.mlx_cache_budget_mb, s.mlx_block_tokens, bytes_per_token)
         self.store = AgentStore(
             s.agents_dir,
             s.quarantine_dir,
@@ -383,7 +464,10 @@ class Engine:
             max_agents=s.agent_max_agents,
             expect=Expectations(info.cache_spec, info.vocab_size),
             ownership=self.ownership,
+            inline_io=dist is not None,
         )
+        if dist is not None:
+            self.store.id_rng = id_rng
         self.store.scan()
         self.residency = Residency(self.pool, self.store, s.agent_max_agents_in_memory, self.metrics)
         self.admission = Admission(
@@ -480,8 +564,16 @@ class Engine:
                 self._wake.clear()
 
     def _drain_inbox(self) -> None:
+        items: list[InboxItem] = []
         while self._inbox:
-            item = self._inbox.popleft()
+            items.append(self._inbox.popleft())
+        if self.dist is not None:
+            # Every rank takes the same inbox this turn (a Call is rank 0's alone: reads, publishing).
+            self.dist.tick(Tick([_message(item) for item in items if not isinstance(item, Call)]))
+        self._apply(items)
+
+    def _apply(self, items: list[InboxItem]) -> None:
+        for item in items:
             if self.publisher is not None:
                 self.publisher.dirty = True
             if isinstance(item, Submit):
@@ -490,6 +582,17 @@ class Engine:
             elif isinstance(item, Cancel):
                 assert self.life is not None
                 self.life.cancel(item.handle)
+            elif isinstance(item, Op):
+                try:
+                    result = getattr(self._ops(), item.name)(*item.args, **item.kwargs)
+                except BaseException as exc:
+                    if item.future is not None:
+                        item.future.set_exception(exc)
+                    else:
+                        log.info("an agent operation failed on this rank as on rank 0", op=item.name, error=str(exc))
+                else:
+                    if item.future is not None:
+                        item.future.set_result(result)
             elif isinstance(item, Call):
                 if item.future.set_running_or_notify_cancel():
                     try:
@@ -499,6 +602,33 @@ class Engine:
             elif isinstance(item, Stop):
                 self._shutdown(save=item.save)
                 return
+
+    def _follow(self) -> None:
+        """A follower rank's loop: rank 0's inbox each turn, then the same step."""
+        assert self.store is not None and self.life is not None and self.dist is not None
+        while True:
+            tick = self.dist.tick()
+            self._apply([self._item(m) for m in tick.messages])
+            if self._stopping:
+                return
+            self.store.poll_io()
+            if self.life.finishing:
+                self.life.complete_finished()
+            self._step()
+
+    def _item(self, message: tuple[Any, ...]) -> InboxItem:
+        """A follower's inbox item for one of rank 0's messages."""
+        kind = message[0]
+        if kind == "submit":
+            handle = _Mirror(message[2], None, lambda _h: None)
+            self._mirrors[message[1]] = handle
+            return Submit(handle)
+        if kind == "cancel":
+            mirror = self._mirrors.get(message[1])
+            return Cancel(mirror) if mirror is not None else Call(lambda: None, Future())
+        if kind == "op":
+            return Op(message[1], message[2], message[3], None)
+        return Stop(message[1])
 
     # One step: schedule, execute, update ------------------------------------------------------------
 
@@ -600,6 +730,10 @@ class Engine:
         self.store.close()
         if self.store.ownership is not None:
             self.store.ownership.release_all()
+        if self.dist is not None:
+            # Every rank has written its share of every agent before any rank leaves: a rank that
+            # exits first would have its launcher stop the others mid-save.
+            self.dist.broadcast(b"")
         self._publish(force=True)
 
 
@@ -615,3 +749,15 @@ def _thread_main(holder: list[Engine]) -> None:
     engine._main()
     del engine
     threading.Event().wait()
+
+
+def _message(item: InboxItem) -> tuple[Any, ...]:
+    """What a follower rank needs of one inbox item (no handles, futures or closures)."""
+    if isinstance(item, Submit):
+        return ("submit", item.handle.id, item.handle.request)
+    if isinstance(item, Cancel):
+        return ("cancel", item.handle.id)
+    if isinstance(item, Op):
+        return ("op", item.name, item.args, item.kwargs)
+    assert isinstance(item, Stop)
+    return ("stop", item.save)

@@ -115,7 +115,10 @@ def device_description() -> str:
     return "cpu"
 
 
-def load(settings: Settings, *, progress: Progress | None = None, quiet: bool = True) -> LoadedModel:
+def load(
+    settings: Settings, *, progress: Progress | None = None, quiet: bool = True, pipeline_group: Any = None
+) -> LoadedModel:
+    """The configured model; with `pipeline_group` (more than one rank), this rank's share of it."""
     resolved = resolve(settings.mlx_model_id, settings.model_dir, quiet=quiet, progress=progress)
     return load_resolved(
         resolved,
@@ -124,6 +127,7 @@ def load(settings: Settings, *, progress: Progress | None = None, quiet: bool = 
         layer_kernels=settings.mlx_cpu_layer_kernels,
         pipeline_layers=settings.mlx_cpu_pipeline_layers,
         kv_format=kv_format_for(resolved.model_id, settings.mlx_kv_bits, settings.mlx_kv_group_size),
+        pipeline_group=pipeline_group,
     )
 
 
@@ -147,6 +151,7 @@ def load_resolved(
     kv_format: kv.KVFormat = kv.UNQUANTIZED,
     layer_kernels: bool = True,
     pipeline_layers: int = 3,
+    pipeline_group: Any = None,
 ) -> LoadedModel:
     import mlx.core as mx
     from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
@@ -159,6 +164,17 @@ def load_resolved(
         tokenizer = load_tokenizer(resolved.path, eos_token_ids=config.get("eos_token_id"))
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise ModelLoadError(f"mlx-lm could not load {resolved.path}: {exc}") from exc
+    if pipeline_group is not None and pipeline_group.size() > 1:
+        # mlx-lm's pipeline parallelism: this rank keeps its share of the decoder layers (the others'
+        # weights are never read: the model is still lazy), and each forward pass hands the hidden
+        # state from rank to rank.
+        inner: Any = getattr(model, "model", None)
+        if not hasattr(inner, "pipeline"):
+            raise UnsupportedModel(
+                f"{resolved.model_id}: mlx-lm has no pipeline parallelism for {config.get('model_type', '?')} "
+                "(it has for qwen2, qwen3, llama-like DeepSeek and a few others)"
+            )
+        inner.pipeline(pipeline_group)
 
     device = device_description()
     quantized = "quantization" in config
@@ -169,7 +185,9 @@ def load_resolved(
     if device == "cpu" and quantized and weights_mode == "quantized" and cpu_kernels is None:
         log.warning("SEMANTIC_MLX_WEIGHTS=quantized without the CPU kernels: MLX's slow quantized matmul is used")
     if cpu_kernels is not None:
-        patched = cpu_kernels.nn.patch_model(model) + _serve_exact_side(model, resolved.path, cpu_kernels)
+        patched = cpu_kernels.nn.patch_model(model) + _serve_exact_side(
+            model, resolved.path, cpu_kernels, partial=pipeline_group is not None
+        )
         # The kernels read float16 scales exactly (and half the bytes): only what MLX's own ops
         # dequantize (embedding lookups, layers the kernels do not serve) is widened.
         _widen_scales(model, skip=cpu_kernels.nn.SKQuantizedLinear)
@@ -253,7 +271,12 @@ def load_resolved(
         generation_defaults=generation_defaults(resolved.path),
         bos=_bos(resolved.path, tokenizer),
         chat_template=bool(getattr(tokenizer, "has_chat_template", False)),
-        fingerprint=fingerprint(resolved.path, weights, str(kv_dtype), kv_format.tag),
+        fingerprint=fingerprint(resolved.path, weights, str(kv_dtype), kv_format.tag)
+        + (
+            f"+pp{pipeline_group.rank()}of{pipeline_group.size()}"
+            if pipeline_group is not None and pipeline_group.size() > 1
+            else ""
+        ),
         load_seconds=time.perf_counter() - start,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
@@ -299,7 +322,7 @@ def _head_dim(model: Any, cache: kv.Cache) -> int:
     return kv.spec_of(cache).head_dim
 
 
-def _serve_exact_side(model: Any, path: Path, cpu_kernels: Any) -> int:
+def _serve_exact_side(model: Any, path: Path, cpu_kernels: Any, partial: bool = False) -> int:
     """Layers the model file holds as float32 but the GGUF import also wrote exactly as 8-bit groups
     of 16 (CPU_KERNELS_FILE, from Q6_K): served by the kernels from those, a quarter of the bytes."""
     import mlx.core as mx
@@ -314,6 +337,8 @@ def _serve_exact_side(model: Any, path: Path, cpu_kernels: Any) -> int:
     n = 0
     for name in sorted(k.removesuffix(".weight") for k in arrays if k.endswith(".weight")):
         module = modules.get(name)
+        if module is None and partial:
+            continue  # a layer another rank of the pipeline runs
         if module is None:
             raise ModelLoadError(f"{side}: names {name}, which the model does not have")
         cpu_kernels.nn.serve_quantized(
