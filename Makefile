@@ -46,7 +46,8 @@ serve: model
 
 # Test tools: Claude Code (for its end-to-end test) from npm, pinned, into .tools/; promtool, which
 # checks and unit-tests the Prometheus alert rules, as root with apt-get (CI, containers) from the
-# distribution's `prometheus` package. Tests that need a missing tool are skipped, saying why.
+# distribution's `prometheus` package; haproxy (the cluster's proxy) and OpenMPI's mpirun (a model
+# over several processes) likewise. Tests that need a missing tool are skipped, saying why.
 CLAUDE_CODE_VERSION ?= 2.1.197
 tools:
 	@if [ ! -x .tools/claude-code/node_modules/.bin/claude ]; then \
@@ -62,6 +63,13 @@ tools:
 	     (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1)) || \
 	    echo "promtool could not be installed: its tests will be skipped"; \
 	  else echo "promtool not found: its tests will be skipped (install the prometheus package)"; fi; }
+	@for pair in haproxy:haproxy mpirun:openmpi-bin; do tool=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$tool >/dev/null 2>&1 && continue; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$pkg >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$pkg >/dev/null 2>&1)) || \
+	    echo "$$pkg could not be installed: the tests that need $$tool will be skipped or use a fallback"; \
+	  else echo "$$tool not found: install $$pkg (the tests that need it are skipped or use a fallback)"; fi; done
 
 lint: setup
 	$(BIN)/ruff check .

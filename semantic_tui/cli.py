@@ -277,12 +277,34 @@ def tui(
     no_server: Annotated[bool, typer.Option("--no-server", help="Do not serve the HTTP API.")] = False,
     host: Annotated[str | None, typer.Option(help="API bind address (SEMANTIC_SERVER_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="API port (SEMANTIC_SERVER_PORT).")] = None,
+    remote: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Watch a running instance at this URL instead, read-only (repeatable: a cluster's instances)."
+        ),
+    ] = None,
+    cluster: Annotated[
+        bool, typer.Option(help="Watch the instances of the running `semantic cluster up`, read-only.")
+    ] = False,
 ) -> None:
     """The workstation: agents, streaming chat, live pool and cache gauges, and the API in-process."""
     from semantic_core.runtime import Runtime
     from semantic_tui.app import SemanticApp
 
     settings = _settings(server_host=host, server_port=port)
+    if remote or cluster:
+        from semantic_tui.remote import RemoteApp
+
+        urls = list(remote or [])
+        if cluster:
+            state = settings.agent_cache_dir / "cluster" / "status.json"
+            try:
+                urls += [str(i["url"]) for i in json.loads(state.read_text())["instances"]]
+            except (OSError, ValueError, KeyError):
+                raise _fail(f"no running cluster found ({state}); give --remote URL") from None
+        key = settings.anthropic_api_key
+        RemoteApp(urls, key.get_secret_value().split(",")[0] if key else None).run()
+        return
     SemanticApp(Runtime(settings, serve_api=not no_server)).run()
 
 

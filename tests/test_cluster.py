@@ -252,3 +252,10 @@ def test_three_instances_affinity_failover_and_a_new_instance(cluster: Cluster) 
         body = httpx.get(f"{url}/v1/agents/{agent}", timeout=30).json()
         assert len(body["history"]) == 8, (agent, body["history"])
     assert os.path.isdir(cluster.state_dir)
+
+
+def test_the_shipped_haproxy_configuration_is_what_the_launcher_writes() -> None:
+    from semantic_tui.cluster import Instance
+
+    shipped = (Path(__file__).resolve().parents[1] / "config" / "haproxy" / "haproxy.cfg").read_text()
+    assert shipped == haproxy_config([Instance(f"s{i}", i, 8100 + i) for i in (1, 2, 3)], port=8080)

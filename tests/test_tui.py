@@ -319,3 +319,30 @@ async def test_request_rate_is_its_own_servers_and_absent_without_a_server(tmp_p
         assert "0.0 req/s" in api_text(served)  # the other server's 20 requests are not its own
         assert served.engine.metrics.requests_served() == 0
         await pilot.press("ctrl+q")
+
+
+async def test_remote_view_shows_each_instance_read_only(tmp_path, tiny_loaded):
+    """`semantic tui --remote`: a live instance's agents and gauges, and an unreachable one said so."""
+    from semantic_tui.remote import RemoteApp
+    from tests.api_server import ServerThread
+
+    settings = make_settings(tmp_path, agent_cache_dir=tmp_path / "remote-cache")
+    server = await asyncio.to_thread(lambda: ServerThread(settings, tiny_loaded).start())
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            for name in ("alpha", "beta"):
+                r = await client.post("/v1/agents", json={"id": name}, headers={"content-type": "application/json"})
+                assert r.status_code == 201, r.text
+        app = RemoteApp([server.url, "http://127.0.0.1:9"], interval=0.2)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: len(app.states) == 2 and app.query_one("#agents-0").row_count == 2)
+            live = str(app.query_one("#summary-0").render())
+            assert "ready" in live and "agents 2" in live
+            assert "unreachable" in str(app.query_one("#summary-1").render())
+            # Read-only: the agents are listed as the instance has them, and nothing in the app changes them.
+            rows = [app.query_one("#agents-0").get_row_at(i)[0] for i in range(2)]
+            assert rows == ["alpha", "beta"]
+            await pilot.press("r")
+            await pilot.press("q")
+    finally:
+        await asyncio.to_thread(server.stop)
