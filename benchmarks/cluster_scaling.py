@@ -252,7 +252,16 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
-            json.dumps(json_safe({"machine": machine(), "args": vars(args), "results": rows}), indent=2)
+            json.dumps(
+                json_safe(
+                    {
+                        "machine": machine(),
+                        "args": {k: str(v) for k, v in vars(args).items()},
+                        "results": rows,
+                    }
+                ),
+                indent=2,
+            )
         )
     return 0
 

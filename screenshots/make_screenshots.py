@@ -101,8 +101,49 @@ async def render(out: Path) -> list[Path]:
     return written
 
 
+async def render_remote(out: Path) -> list[Path]:
+    """`semantic tui --cluster`: two instances of a cluster, watched read-only."""
+    import httpx
+
+    from semantic_tui.cluster import Cluster
+    from semantic_tui.remote import RemoteApp
+
+    workdir = Path(tempfile.mkdtemp(prefix="semantic-shots-cluster-"))
+    cluster = Cluster(
+        state_dir=workdir / "state",
+        port=18180,
+        base_port=18181,
+        env={"SEMANTIC_AGENT_CACHE_DIR": str(workdir / "cache"), "SEMANTIC_SERVER_LOG_LEVEL": "WARNING"},
+    )
+    written: list[Path] = []
+    try:
+        for _ in range(2):
+            cluster.add_instance()
+        await asyncio.to_thread(cluster.wait_ready)
+        await asyncio.to_thread(cluster.start_haproxy)
+        async with httpx.AsyncClient(base_url="http://127.0.0.1:18180", timeout=120) as client:
+            for agent_id, _name, system, turns in CONVERSATIONS:
+                body = {
+                    "model": "smollm2-135m-instruct",
+                    "max_tokens": 24,
+                    "system": system,
+                    "messages": [{"role": "user", "content": turns[0]}],
+                }
+                await client.post("/v1/messages", json=body, headers={"x-agent-id": agent_id})
+        app = RemoteApp([i.url for i in cluster.instances.values()], interval=0.5)
+        async with app.run_test(size=(150, 30)) as pilot:
+            await wait(pilot, lambda: len(app.states) == 2)
+            await pilot.pause(1.0)
+            written.append(out / "remote.svg")
+            app.save_screenshot(str(written[-1]))
+    finally:
+        cluster.stop()
+    return written
+
+
 def main() -> None:
     svgs = asyncio.run(render(HERE))
+    svgs += asyncio.run(render_remote(HERE))
     try:
         import cairosvg
     except Exception as exc:  # the library or libcairo is missing

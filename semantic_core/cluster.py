@@ -22,14 +22,15 @@ import httpx
 from semantic_core.agents.ownership import Ownership
 from semantic_core.config import Settings
 from semantic_core.errors import AgentElsewhere
-from semantic_core.observability import get_logger
+from semantic_core.observability import Metrics, get_logger
 
 log = get_logger("semantic.cluster")
 
 
 class Handoff:
-    def __init__(self, ownership: Ownership, settings: Settings) -> None:
+    def __init__(self, ownership: Ownership, settings: Settings, metrics: Metrics | None = None) -> None:
         self.ownership = ownership
+        self.metrics = metrics
         self.wait_seconds = settings.cluster_handoff_seconds
         key = settings.anthropic_api_key.get_secret_value().split(",")[0].strip() if settings.anthropic_api_key else ""
         self._headers = {"x-api-key": key} if key else {}
@@ -52,6 +53,8 @@ class Handoff:
                     await self._ask(client, owner.url, agent_id)
                 if self.ownership.try_acquire(agent_id):
                     self.handoffs += 1
+                    if self.metrics is not None and owner is not None:
+                        self.metrics.handoffs.labels("taken").inc()
                     log.info("agent taken over from another instance", agent=agent_id, owner=owner and owner.instance)
                     return
                 if time.monotonic() > deadline:

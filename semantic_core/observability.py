@@ -98,6 +98,13 @@ class Metrics:
             registry=r,
         )
         self.disk_bytes = Gauge("semantic_cache_disk_bytes", "Bytes of saved agents on disk.", registry=r)
+        self.handoffs = Counter(
+            "semantic_cluster_handoffs_total",
+            "In a cluster: agents moved between live instances, by direction (taken: from another "
+            "instance, released: to another).",
+            ["direction"],
+            registry=r,
+        )
         self.save_seconds = Histogram(
             "semantic_agent_save_seconds",
             "Time to write one agent to disk.",

@@ -118,7 +118,9 @@ class TurnService:
         self._large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-render-large")
         self._noted: set[str] = set()
         # In a cluster: takes a named agent over from the instance that holds it, before submission.
-        self.handoff = Handoff(engine.ownership, self.settings) if engine.ownership is not None else None
+        self.handoff = (
+            Handoff(engine.ownership, self.settings, engine.metrics) if engine.ownership is not None else None
+        )
 
     async def own(self, agent_id: str) -> None:
         """In a cluster: this instance owns the agent (a live owner hands it over) and its view here

@@ -350,12 +350,18 @@ def launch_ranks(n: int, backend: str, serve_args: list[str]) -> int:
     import tempfile
 
     env = {**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED") or "0"}
+    # The ranks share this machine's cores: each gets its share of compute threads (measured on 2 cores,
+    # Qwen 0.5B decode over 2 ranks: ring 7.4 -> 16.6 tokens/s with one kernel thread per rank instead of two).
+    share = str(max(1, (os.cpu_count() or 1) // n))
+    env.setdefault("SEMANTIC_KERNELS_THREADS", share)
+    env.setdefault("SEMANTIC_MLX_BLAS_PREFILL_THREADS", share)
     cmd = [sys.executable, "-m", "semantic_tui.cli", "serve", "--distributed", *serve_args]
     mpirun = shutil.which("mpirun")
     if backend == "mpi" and mpirun is None:
         print("the mpi backend needs OpenMPI's mpirun (Debian/Ubuntu: apt-get install openmpi-bin)", file=sys.stderr)
         return 2
     procs: list[subprocess.Popen[bytes]] = []
+    hostfile: Path | None = None
     if mpirun is not None and backend in ("mpi", "any"):
         env |= {
             "SEMANTIC_DISTRIBUTED_BACKEND": "mpi",
@@ -403,6 +409,8 @@ def launch_ranks(n: int, backend: str, serve_args: list[str]) -> int:
             p.wait(30)
         except subprocess.TimeoutExpired:
             p.kill()
+    if hostfile is not None:
+        hostfile.unlink(missing_ok=True)
     return code
 
 

@@ -179,6 +179,26 @@ def test_three_instances_affinity_failover_and_a_new_instance(cluster: Cluster) 
     spread = Counter(first.values())
     assert len(spread) == 3, spread  # the hash spreads 30 agents over all three
 
+    # Without X-Agent-ID, a client that resends the history reaches the same instance (haproxy hashes
+    # the first message), whose prefix index finds the conversation's agent and reads its cache.
+    stateless = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    for n in range(3):
+        history: list[dict[str, str]] = [{"role": "user", "content": f"Conversation {n}: name a fruit."}]
+        seen = []
+        for _turn in range(2):
+            raw = stateless.messages.with_raw_response.create(
+                model="smollm2-135m-instruct",
+                max_tokens=5,
+                messages=history,  # type: ignore[arg-type]
+            )
+            reply = raw.parse()
+            seen.append((raw.headers["x-semantic-instance"], reply.usage.cache_read_input_tokens or 0))
+            history += [
+                {"role": "assistant", "content": "".join(b.text for b in reply.content if b.type == "text")},
+                {"role": "user", "content": "Another one."},
+            ]
+        assert seen[0][0] == seen[1][0] and seen[1][1] > 0, seen
+
     # Kill one instance (kill -9) while turns are in flight.
     victim = "s2"
     victims = [a for a in AGENTS if first[a] == victim]
@@ -251,6 +271,17 @@ def test_three_instances_affinity_failover_and_a_new_instance(cluster: Cluster) 
         assert len(client.history[agent]) == 8
         body = httpx.get(f"{url}/v1/agents/{agent}", timeout=30).json()
         assert len(body["history"]) == 8, (agent, body["history"])
+
+    # Each instance's metrics say so: the new one took agents over, the others released them.
+    def handoffs(inst_url: str, direction: str) -> float:
+        lines = httpx.get(f"{inst_url}/metrics", timeout=10).text.splitlines()
+        prefix = f'semantic_cluster_handoffs_total{{direction="{direction}"}} '
+        return sum(float(line[len(prefix) :]) for line in lines if line.startswith(prefix))
+
+    taken = handoffs(added.url, "taken")
+    survivors = [i for i in cluster.instances.values() if i.name not in (added.name, victim)]
+    released = sum(handoffs(i.url, "released") for i in survivors)
+    assert 0 < taken <= len(changed) and released == taken, (taken, released, changed)
     assert os.path.isdir(cluster.state_dir)
 
 

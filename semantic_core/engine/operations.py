@@ -220,6 +220,7 @@ class AgentOperations:
             if agent is not None and self.residency.is_hot(agent_id):
                 self.residency.evict(agent, reason="handoff")
             self.store.hand_over(agent_id)
+            self.store.metrics.handoffs.labels("released").inc()
             log.info("agent handed over to another instance", agent=agent_id)
 
         self._run(op)
