@@ -183,7 +183,9 @@ def test_three_instances_affinity_failover_and_a_new_instance(cluster: Cluster) 
     # the first message), whose prefix index finds the conversation's agent and reads its cache.
     stateless = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=120)
     for n in range(3):
-        history: list[dict[str, str]] = [{"role": "user", "content": f"Conversation {n}: name a fruit."}]
+        # Longer than one KV block (64 tokens): the prefix index matches whole blocks.
+        opening = f"Conversation {n}. " + "We are planning a garden with apples, pears and plums. " * 8
+        history: list[dict[str, str]] = [{"role": "user", "content": opening + "Name a fruit."}]
         seen = []
         for _turn in range(2):
             raw = stateless.messages.with_raw_response.create(
