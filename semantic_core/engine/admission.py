@@ -22,7 +22,7 @@ from semantic_core.agents.store import Agent, AgentStore
 from semantic_core.engine.request import PendingLoad, Sequence
 from semantic_core.engine.residency import Residency
 from semantic_core.engine.scheduler import Prepared, Readiness
-from semantic_core.errors import PoolExhausted, SemanticError, StoreFull
+from semantic_core.errors import AgentNotFound, PoolExhausted, SemanticError, StoreFull
 from semantic_core.model import kv
 from semantic_core.observability import get_logger
 
@@ -88,7 +88,8 @@ class Admission:
         assert seq.agent_id is not None
         agent = self.store.get(seq.agent_id)
         if not self.residency.is_hot(agent.id):
-            self.store.take(agent.id)  # in a cluster: only its owner makes an agent hot
+            if self.store.take(agent.id) is None:  # in a cluster: only its owner makes an agent hot
+                raise AgentNotFound(agent.id)  # deleted by another instance meanwhile
             if agent.on_disk and agent.tokens:
                 return self._start_load(seq, agent)
             try:
