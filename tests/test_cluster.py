@@ -292,3 +292,50 @@ def test_the_shipped_haproxy_configuration_is_what_the_launcher_writes() -> None
 
     shipped = (Path(__file__).resolve().parents[1] / "config" / "haproxy" / "haproxy.cfg").read_text()
     assert shipped == haproxy_config([Instance(f"s{i}", i, 8100 + i) for i in (1, 2, 3)], port=8080)
+
+
+# Two engines sharing one folder (in one process: each takes its own locks) ---------------------------
+
+
+def test_two_instances_never_write_one_agent_and_see_each_others_turns(tmp_path: Path, tiny_loaded) -> None:
+    """The ownership rule at the engine: an agent another instance holds is refused (retryable), a
+    released one is taken with what its owner wrote, and an instance may not write what it gave away."""
+    from semantic_core.engine.engine import Engine
+    from semantic_core.engine.types import GenerationRequest
+    from semantic_core.errors import AgentElsewhere
+    from tests.conftest import make_settings
+
+    def engine(name: str) -> Engine:
+        settings = make_settings(
+            tmp_path, agent_cache_dir=tmp_path / "shared", cluster_instance=name, cluster_url=f"http://{name}.invalid"
+        )
+        return Engine(settings, loaded=tiny_loaded).start()
+
+    a, b = engine("a"), engine("b")
+    try:
+        prompt = list(range(5, 80))
+        first = a.complete(GenerationRequest(tokens=prompt, agent_id="x", max_tokens=4, temperature=0.0))
+        assert a.ownership is not None and a.ownership.holds("x")
+        with pytest.raises(AgentElsewhere):  # B does not touch an agent A holds
+            b.complete(GenerationRequest(tokens=prompt, agent_id="x", max_tokens=4, temperature=0.0))
+        with pytest.raises(AgentElsewhere):
+            b.evict_agent("x")
+
+        a.evict_agent("x")  # written, out of memory: released
+        assert not a.ownership.holds("x")
+        more = prompt + first.token_ids + list(range(90, 100))
+        second = b.complete(GenerationRequest(tokens=more, agent_id="x", max_tokens=4, temperature=0.0))
+        assert second.usage.cached_tokens >= len(prompt)  # A's cache, read from its file
+        with pytest.raises(AgentElsewhere):  # and A may not write it now
+            a.save_agent("x")
+
+        b.stop()  # B saves and lets go: A takes it back with B's turn in it
+        info, _ = a.get_agent("x")  # read from B's files
+        assert info.tokens >= len(more)
+        third = a.complete(
+            GenerationRequest(tokens=more + second.token_ids + [7, 8], agent_id="x", max_tokens=2, temperature=0.0)
+        )
+        assert third.usage.cached_tokens >= len(more)
+    finally:
+        a.stop()
+        b.stop()
