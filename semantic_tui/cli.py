@@ -362,15 +362,22 @@ def serve(
             group = init_group(settings.distributed_backend)
         except RuntimeError as exc:
             raise _fail(str(exc)) from None
+        from semantic_core.errors import SemanticError
+
         code: int | str | None = 0
         try:
+            runtime = Runtime(settings, group=group)
             if group.rank() != 0:
-                Runtime(settings, group=group).follow()
+                runtime.follow()
             elif port_in_use(settings.server_host, settings.server_port):
                 err.print(f"port {settings.server_port} on {settings.server_host} is already in use")
                 code = 1
             else:
-                Runtime(settings, group=group).serve()
+                runtime.engine.start()  # every rank loads its share before rank 0 answers anything
+                runtime.serve()
+        except SemanticError as exc:  # the model cannot be split (or loaded): every rank says so and ends
+            err.print(f"error (rank {group.rank()}): {exc.message}", highlight=False)
+            code = 1
         except SystemExit as exc:
             code = exc.code
         finalize(settings.distributed_backend, code if isinstance(code, int) else 1)

@@ -126,19 +126,34 @@ def test_two_ranks_answer_as_one_process_with_less_memory_each(tmp_path: Path, q
         history = [*PROMPT, {"role": "assistant", "content": text}, {"role": "user", "content": "Now the product."}]
         second, usage2, _ = ask(port, history, "duo")
         assert usage2["cache_read_input_tokens"] > 0
-        # Streaming, and a request rank 0 refuses (a forced tool call) changes nothing on the others.
-        bad = httpx.post(
+        # A forced tool call: every rank applies the grammar (rank 0 sends its source, each compiles it).
+        forced = httpx.post(
             f"http://127.0.0.1:{port}/v1/messages",
             json={
                 "model": MODEL,
-                "max_tokens": 8,
-                "messages": PROMPT,
-                "tools": [{"name": "f", "input_schema": {"type": "object"}}],
-                "tool_choice": {"type": "any"},
+                "max_tokens": 60,
+                "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+                "tools": [
+                    {
+                        "name": "get_weather",
+                        "description": "The weather in a city.",
+                        "input_schema": {
+                            "type": "object",
+                            "properties": {"city": {"type": "string"}},
+                            "required": ["city"],
+                        },
+                    }
+                ],
+                "tool_choice": {"type": "tool", "name": "get_weather"},
             },
-            timeout=60,
+            timeout=300,
         )
-        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+        assert forced.status_code == 200, forced.text
+        calls = [b for b in forced.json()["content"] if b["type"] == "tool_use"]
+        assert calls and calls[0]["name"] == "get_weather" and isinstance(calls[0]["input"].get("city"), str)
+        # A bad request rank 0 refuses changes nothing on the others.
+        bad = httpx.post(f"http://127.0.0.1:{port}/v1/messages", json={"model": MODEL, "max_tokens": 0}, timeout=60)
+        assert bad.status_code == 400
         with httpx.stream(
             "POST",
             f"http://127.0.0.1:{port}/v1/messages",
@@ -161,3 +176,20 @@ def test_two_ranks_answer_as_one_process_with_less_memory_each(tmp_path: Path, q
         assert usage3["cache_read_input_tokens"] >= usage2["cache_read_input_tokens"]
     finally:
         stop(proc)
+
+
+@pytest.mark.real_model
+def test_a_model_mlx_lm_cannot_pipeline_is_refused_by_every_rank(tmp_path: Path, real_model_dir: Path) -> None:
+    env = {**os.environ, "SEMANTIC_MLX_MODEL_ID": str(real_model_dir), "SEMANTIC_AGENT_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "semantic_tui.cli", "serve", "--ranks", "2", "--port", str(free_port())],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 1
+    said = " ".join(done.stderr.split())  # (the console wraps long lines)
+    # The first rank to fail says why (under mpirun the job then ends: the other may be stopped first).
+    assert "error (rank " in said and "no pipeline parallelism for llama" in said, said

@@ -46,6 +46,7 @@ class Constraint:
     matcher: Any  # llguidance.LLMatcher, never advanced itself
     vocab_size: int
     what: str
+    grammar: str = ""  # the source it was compiled from (other ranks of a distributed engine compile it too)
 
     def processor(self, prompt_len: int) -> GrammarProcessor:
         return GrammarProcessor(self.matcher.deep_copy(), self.vocab_size, prompt_len, self.what)
@@ -109,4 +110,4 @@ class Grammars:
         matcher = LLMatcher(self._lltokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise InvalidRequest(f"{what}: cannot be enforced: {matcher.get_error()}")
-        return Constraint(matcher, self.vocab_size, what)
+        return Constraint(matcher, self.vocab_size, what, grammar)

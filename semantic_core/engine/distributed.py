@@ -15,8 +15,8 @@ routing, eviction, preemption, sampling) and so the same forward passes:
   number of blocks;
 - agent ids and sampling draw from generators seeded by rank 0; Python's string hashing (the order
   of sets) must agree: ranks run with one PYTHONHASHSEED (`semantic serve --ranks` sets it);
-- requests whose answer follows a grammar (forced tool calls, JSON schemas) are refused: the
-  compiled grammar lives on rank 0's tokenizer threads (a rank would have to compile it too).
+- a request whose answer follows a grammar (a forced tool call, a JSON schema) travels with the
+  grammar's source, and each rank compiles it for its own sampler (a compiled matcher cannot travel).
 
 What rank 0 hands over travels over the group itself (an all-sum of bytes from rank 0: a length,
 then the payload), so no other transport is needed. Tensor parallelism (mlx-lm's `shard` for llama

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -64,7 +65,6 @@ from semantic_core.engine.types import (
 from semantic_core.engine.validation import validate_request
 from semantic_core.errors import (
     EngineStopped,
-    InvalidRequest,
     SemanticError,
 )
 from semantic_core.model import kv
@@ -239,11 +239,6 @@ class Engine:
         """Queue a request. Pass `loop` (or use `submit_async`) to consume events with `async for`."""
         self._check_accepting()
         assert self.info is not None
-        if self.dist is not None and request.constraint is not None:
-            raise InvalidRequest(
-                "forced tool calls and JSON output formats are not available when the model is split over "
-                "several processes (semantic serve --ranks)"
-            )
         validate_request(request, self.info, queue_depth=self.queue_depth(), max_queue=self.settings.server_max_queue)
         handle = RequestHandle(request, loop, lambda h: self._post(Cancel(h)))
         self._post(Submit(handle))
@@ -620,7 +615,11 @@ class Engine:
         """A follower's inbox item for one of rank 0's messages."""
         kind = message[0]
         if kind == "submit":
-            handle = _Mirror(message[2], None, lambda _h: None)
+            request: GenerationRequest = message[2]
+            if message[3] is not None:  # rank 0's grammar, compiled here for this rank's sampler
+                assert self.grammars is not None
+                request = dataclasses.replace(request, constraint=self.grammars.compile(*message[3]))
+            handle = _Mirror(request, None, lambda _h: None)
             self._mirrors[message[1]] = handle
             return Submit(handle)
         if kind == "cancel":
@@ -754,7 +753,17 @@ def _thread_main(holder: list[Engine]) -> None:
 def _message(item: InboxItem) -> tuple[Any, ...]:
     """What a follower rank needs of one inbox item (no handles, futures or closures)."""
     if isinstance(item, Submit):
-        return ("submit", item.handle.id, item.handle.request)
+        request = item.handle.request
+        constraint = request.constraint
+        if constraint is None:
+            return ("submit", item.handle.id, request, None)
+        # A compiled matcher does not travel: its source does.
+        return (
+            "submit",
+            item.handle.id,
+            dataclasses.replace(request, constraint=None),
+            (constraint.grammar, constraint.what),
+        )
     if isinstance(item, Cancel):
         return ("cancel", item.handle.id)
     if isinstance(item, Op):
