@@ -332,8 +332,10 @@ def instance_status(url: str, api_key: str | None = None) -> dict[str, object]:
                 row["generating"] = int(sample.value)
             elif sample.name == "semantic_pool_utilization_ratio":
                 row["pool"] = f"{sample.value:.0%}"
-            elif sample.name == "semantic_request_total":
-                requests += sample.value
+            elif sample.name == "semantic_request_total" and not sample.labels.get("path", "").startswith(
+                ("/health", "/metrics")
+            ):
+                requests += sample.value  # the API's requests, not the probes
     row["agents"] = int(sum(tiers.values()))
     row["hot"] = int(tiers.get("hot", 0))
     row["requests"] = int(requests)

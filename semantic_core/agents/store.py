@@ -293,6 +293,9 @@ class AgentStore:
         implicit = agent_id is None
         if agent_id is None:
             agent_id = generate_agent_id(set(self._folded), rng=self.id_rng)
+            # In a cluster another instance may have drawn the same id since this one last looked.
+            while self.ownership is not None and self._taken_elsewhere(agent_id):
+                agent_id = generate_agent_id(set(self._folded), rng=self.id_rng)
         validate_agent_id(agent_id)
         if self.ownership is not None and self.take(agent_id) is not None:
             raise AgentExists(agent_id)  # another instance of the cluster created it
@@ -635,6 +638,13 @@ class AgentStore:
             self.reread(agent_id)
             self._fresh.add(agent_id)
         return self._agents.get(agent_id)
+
+    def _taken_elsewhere(self, agent_id: str) -> bool:
+        """Whether a generated id already names an agent on disk or another instance's agent."""
+        assert self.ownership is not None
+        if disk.agent_path(self.agents_dir, agent_id).exists() or disk.journal_path(self.agents_dir, agent_id).exists():
+            return True
+        return self.ownership.owner(agent_id) is not None
 
     def fresh(self, agent_id: str) -> bool:
         """Whether this instance owns the agent with an up-to-date view of it (always, alone)."""
