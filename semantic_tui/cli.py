@@ -525,7 +525,7 @@ def cluster_status(
         return
     table = Table(box=None)
     for col in ("instance", "url", "ready", "agents", "hot", "generating", "pool used", "requests"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True, overflow="fold" if col == "url" else "ellipsis")
     for r in rows:
         table.add_row(
             str(r.get("instance") or "?"),
