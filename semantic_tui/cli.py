@@ -524,15 +524,17 @@ def cluster_status(
         console.print_json(json.dumps(rows))
         return
     table = Table(box=None)
-    for col in ("instance", "url", "ready", "agents", "hot", "generating", "pool used", "requests"):
-        table.add_column(col, no_wrap=True, overflow="fold" if col == "url" else "ellipsis")
+    table.add_column("instance", no_wrap=True)
+    table.add_column("url", no_wrap=True, min_width=max(len(str(r["url"])) for r in rows))
+    for col in ("state", "agents (hot)", "busy", "pool", "requests"):
+        table.add_column(col, no_wrap=True)
     for r in rows:
+        state = "unreachable" if "error" in r else "ready" if r.get("ready") else "not ready"
         table.add_row(
             str(r.get("instance") or "?"),
             str(r["url"]),
-            "yes" if r.get("ready") else "no",
-            str(r.get("agents", "-")),
-            str(r.get("hot", "-")),
+            state,
+            f"{r.get('agents', '-')} ({r.get('hot', '-')})",
             str(r.get("generating", "-")),
             str(r.get("pool", "-")),
             str(r.get("requests", "-")),

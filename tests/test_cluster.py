@@ -339,3 +339,17 @@ def test_two_instances_never_write_one_agent_and_see_each_others_turns(tmp_path:
     finally:
         a.stop()
         b.stop()
+
+
+def test_cluster_status_says_which_instance_cannot_be_reached(tmp_path: Path) -> None:
+    import json
+
+    env = {**os.environ, "SEMANTIC_AGENT_CACHE_DIR": str(tmp_path)}
+    status = [sys.executable, "-m", "semantic_tui.cli", "cluster", "status"]
+    done = subprocess.run([*status, "--url", "http://127.0.0.1:9", "--json"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)
+    assert row["url"] == "http://127.0.0.1:9" and row["ready"] is False and "refused" in row["error"]
+    # Without --url it reads the running cluster's status file; there is none here.
+    done = subprocess.run(status, env=env, capture_output=True, text=True)
+    assert done.returncode == 1 and "no running cluster" in " ".join(done.stderr.split())
