@@ -113,7 +113,11 @@ async def render_remote(out: Path) -> list[Path]:
         state_dir=workdir / "state",
         port=18180,
         base_port=18181,
-        env={"SEMANTIC_AGENT_CACHE_DIR": str(workdir / "cache"), "SEMANTIC_SERVER_LOG_LEVEL": "WARNING"},
+        env={
+            "SEMANTIC_AGENT_CACHE_DIR": str(workdir / "cache"),
+            "SEMANTIC_SERVER_LOG_LEVEL": "WARNING",
+            "SEMANTIC_MLX_CACHE_BUDGET_MB": "4",  # a small pool, so that its gauge shows
+        },
     )
     written: list[Path] = []
     try:

@@ -332,6 +332,7 @@ def instance_status(url: str, api_key: str | None = None) -> dict[str, object]:
                 row["generating"] = int(sample.value)
             elif sample.name == "semantic_pool_utilization_ratio":
                 row["pool"] = f"{sample.value:.0%}"
+                row["pool_ratio"] = float(sample.value)
             elif sample.name == "semantic_request_total" and not sample.labels.get("path", "").startswith(
                 ("/health", "/metrics")
             ):

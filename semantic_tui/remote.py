@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import VerticalScroll
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.containers import Horizontal, VerticalScroll
+from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, Static
 
 from semantic_tui.cluster import instance_status
 
@@ -59,7 +59,12 @@ def _ago(ts: float | None) -> str:
 class RemoteApp(App[None]):
     TITLE = "semantic (remote, read-only)"
     BINDINGS = [Binding("q", "quit", "Quit"), Binding("r", "refresh", "Refresh now")]
-    CSS = "Static.instance { padding: 1 1 0 1; } DataTable { height: auto; max-height: 16; }"
+    CSS = """
+    Static.instance { padding: 1 1 0 1; }
+    Horizontal.gauge { height: 1; padding: 0 1; }
+    Horizontal.gauge Label { width: 12; }
+    DataTable { height: auto; max-height: 16; }
+    """
 
     def __init__(self, urls: list[str], api_key: str | None = None, interval: float = 1.0) -> None:
         super().__init__()
@@ -73,6 +78,9 @@ class RemoteApp(App[None]):
         with VerticalScroll():
             for i, _url in enumerate(self.urls):
                 yield Static("connecting ...", id=f"summary-{i}", classes="instance")
+                with Horizontal(classes="gauge"):
+                    yield Label("KV pool")
+                    yield ProgressBar(total=100, show_eta=False, id=f"pool-{i}")
                 table: DataTable[str] = DataTable(id=f"agents-{i}", cursor_type="row")
                 table.add_columns(*COLUMNS)
                 yield table
@@ -95,6 +103,7 @@ class RemoteApp(App[None]):
         for i, url in enumerate(self.urls):
             state = states[url]
             self.query_one(f"#summary-{i}", Static).update(summary(state))
+            self.query_one(f"#pool-{i}", ProgressBar).update(progress=100 * float(state.get("pool_ratio", 0.0)))
             table = self.query_one(f"#agents-{i}", DataTable)
             table.clear()
             for a in state.get("agent_list", []):

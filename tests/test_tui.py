@@ -339,6 +339,8 @@ async def test_remote_view_shows_each_instance_read_only(tmp_path, tiny_loaded):
             live = str(app.query_one("#summary-0").render())
             assert "ready" in live and "agents 2" in live
             assert "unreachable" in str(app.query_one("#summary-1").render())
+            gauge = app.query_one("#pool-0")  # the pool gauge follows the instance's metric
+            assert gauge.progress == pytest.approx(100 * app.states[server.url]["pool_ratio"])
             # Read-only: the agents are listed as the instance has them, and nothing in the app changes them.
             rows = [app.query_one("#agents-0").get_row_at(i)[0] for i in range(2)]
             assert rows == ["alpha", "beta"]
