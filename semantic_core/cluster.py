@@ -44,21 +44,25 @@ class Handoff:
         deadline = time.monotonic() + self.wait_seconds
         asked_at = 0.0
         owner = None
+        held_by: str | None = None  # the live owner seen while waiting (it may be gone when we get the lock)
         async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=1.0)) as client:
             while True:
                 owner = self.ownership.owner(agent_id)
+                if owner is not None:
+                    held_by = owner.instance
                 now = time.monotonic()
                 if owner is not None and owner.url and owner.url != self.ownership.url and now - asked_at > 1.0:
                     asked_at = now
                     await self._ask(client, owner.url, agent_id)
                 if self.ownership.try_acquire(agent_id):
-                    self.handoffs += 1
-                    if self.metrics is not None and owner is not None:
-                        self.metrics.handoffs.labels("taken").inc()
-                    log.info("agent taken over from another instance", agent=agent_id, owner=owner and owner.instance)
+                    if held_by is not None:
+                        self.handoffs += 1
+                        if self.metrics is not None:
+                            self.metrics.handoffs.labels("taken").inc()
+                        log.info("agent taken over from another instance", agent=agent_id, owner=held_by)
                     return
                 if time.monotonic() > deadline:
-                    raise AgentElsewhere(agent_id, owner.instance if owner else None)
+                    raise AgentElsewhere(agent_id, held_by)
                 await asyncio.sleep(0.05)
 
     async def _ask(self, client: httpx.AsyncClient, url: str, agent_id: str) -> None:

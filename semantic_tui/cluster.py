@@ -104,6 +104,12 @@ frontend semantic
 
 backend instances
     option http-buffer-request
+    # A request that reached no instance (connection refused while the health checks catch up with
+    # a dead one) or whose instance died before answering is sent again, to the next instance on the
+    # hash ring: nothing was answered, and a resent turn carries the same history.
+    retries 2
+    option redispatch 1
+    retry-on conn-failure empty-response
 {keys}
     balance hash var(txn.agent)
     hash-type consistent

@@ -229,6 +229,7 @@ def test_three_instances_affinity_failover_and_a_new_instance(cluster: Cluster) 
     killer.join()
     # Only requests in flight on the dying instance may fail, each with a retryable answer in the
     # API's own error shape (haproxy's 502/503 carry Anthropic's JSON, and a retry-after).
+    print(f"\nkill -9 of {victim} with turns in flight: {len(errors)} of {len(AGENTS)} turns failed")
     assert len(errors) <= 4, errors
     for exc in errors:
         if isinstance(exc, anthropic.APIStatusError):
@@ -284,7 +285,15 @@ def test_three_instances_affinity_failover_and_a_new_instance(cluster: Cluster) 
     survivors = [i for i in cluster.instances.values() if i.name not in (added.name, victim)]
     released = sum(handoffs(i.url, "released") for i in survivors)
     assert 0 < taken <= len(changed) and released == taken, (taken, released, changed)
-    assert os.path.isdir(cluster.state_dir)
+
+    # With no instance left, the proxy answers in the API's own error shape, retryable.
+    for inst in cluster.instances.values():
+        cluster.kill(inst.name)
+    time.sleep(1.5)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        client.turn(AGENTS[0], "Anyone there?")
+    assert caught.value.status_code == 503 and caught.value.response.headers.get("retry-after") == "1"
+    assert caught.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
 
 
 def test_the_shipped_haproxy_configuration_is_what_the_launcher_writes() -> None:

@@ -217,6 +217,9 @@ class AgentOperations:
             agent = self.store._agents.get(agent_id)
             if agent_id in self.admission.busy() or self.residency.is_running(agent_id):
                 raise AgentBusy(agent_id, "hand over")
+            assert self.store.ownership is not None
+            if not self.store.ownership.holds(agent_id):
+                return  # not ours (any more): asked twice, or never held
             if agent is not None and self.residency.is_hot(agent_id):
                 self.residency.evict(agent, reason="handoff")
             self.store.hand_over(agent_id)
