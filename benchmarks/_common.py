@@ -166,8 +166,10 @@ def running_server(
     log_path: Path,
     cache_dir: Path,
     env: dict[str, str] | None = None,
+    args: Sequence[str] = (),
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`semantic serve` in a subprocess on a free port; yields (base URL, process) once the model is loaded.
+    """`semantic serve [args]` in a subprocess on a free port; yields (base URL, process) once the model is
+    loaded.
 
     Stopped with SIGTERM (the graceful shutdown) at the end."""
     import httpx
@@ -175,9 +177,9 @@ def running_server(
     port = free_port()
     exe = Path(sys.executable).with_name("semantic")
     cmd = (
-        [str(exe), "serve"]
+        [str(exe), "serve", *args]
         if exe.exists()
-        else [sys.executable, "-c", "from semantic_tui.cli import main; main()", "serve"]
+        else [sys.executable, "-c", "from semantic_tui.cli import main; main()", "serve", *args]
     )
     full_env = dict(
         os.environ,
@@ -208,6 +210,31 @@ def running_server(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def tree_rss_mb(pid: int) -> list[float]:
+    """Resident memory (VmRSS, MB) of each process doing the work under `pid`: the leaves of its process
+    tree (the ranks under a launcher and mpirun), or `pid` itself when it has no children. Linux /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    leaves, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if children.get(p):
+            todo.extend(children[p])
+        else:
+            leaves.append(p)
+    out = []
+    for p in leaves:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    out.append(int(line.split()[1]) / 1024)
+    return sorted(out, reverse=True)
 
 
 # Statistics -----------------------------------------------------------------------------------------

@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import free_port, json_safe, machine, make_parser, progress
-from multi_agent_vs_servers import Tokenizer, build_agents, model_dir, stream_anthropic, user_turn
+from _common import Report, fmt_x, make_parser, progress, ratio, tree_rss_mb
+from multi_agent_vs_servers import Tokenizer, build_agents, model_dir, scrape_metrics, stream_anthropic, user_turn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from semantic_tui.cluster import Cluster, haproxy_binary
+from semantic_tui.cluster import Cluster, free_ports, haproxy_binary
 
 MODEL = "smollm2-135m-instruct"
 
@@ -61,33 +61,12 @@ class Side:
     start_s: float = 0.0
 
 
-def rss_mb(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
-
-
-def metric(client: httpx.Client, url: str, name: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = client.get(f"{url}/metrics", headers={"x-api-key": "bench"}).text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
-
-
 def run_side(side: Side, args: Any, agents_proto: list[Any], tok: Tokenizer, mdir: Path) -> Side:
     import copy
 
     agents = copy.deepcopy(agents_proto)
     work = Path(tempfile.mkdtemp(prefix=f"semantic-bench-{side.name}-"))
-    base = free_port()
-    while any(not _free(base + i) for i in range(side.instances + 1)):
-        base = free_port()
+    base = free_ports(side.instances + 1)
     cluster = Cluster(
         clustered=side.instances > 1,  # one instance is a plain `semantic serve`
         state_dir=work / "state",
@@ -144,9 +123,10 @@ def run_side(side: Side, args: Any, agents_proto: list[Any], tok: Tokenizer, mdi
                     list(pool.map(walk, groups))
             side.wall_s = time.perf_counter() - start
             urls = [i.url for i in cluster.instances.values()]
-            side.evictions = sum(metric(client, u, "semantic_evictions_total") for u in urls)
-            side.loads = sum(metric(client, u, "semantic_agent_loads_total") for u in urls)
-        side.rss_mb = rss_mb([i.process.pid for i in cluster.instances.values() if i.process])
+            scraped = [scrape_metrics(client, u) for u in urls]
+            side.evictions = sum(m.get("semantic_evictions_total", 0.0) for m in scraped)
+            side.loads = sum(m.get("semantic_agent_loads_total", 0.0) for m in scraped)
+        side.rss_mb = sum(sum(tree_rss_mb(i.process.pid)) for i in cluster.instances.values() if i.process)
         for inst in cluster.instances.values():
             log = inst.log_path.read_text(errors="replace") if inst.log_path else ""
             side.handoffs += log.count("agent taken over")
@@ -154,12 +134,6 @@ def run_side(side: Side, args: Any, agents_proto: list[Any], tok: Tokenizer, mdi
         cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
     return side
-
-
-def _free(port: int) -> bool:
-    from semantic_core.api.server import port_in_use
-
-    return not port_in_use("127.0.0.1", port)
 
 
 def summary(side: Side) -> dict[str, Any]:
@@ -226,43 +200,32 @@ def main() -> int:
                 results[name] = side
     rows = [summary(s) for s in results.values()]
     one, three = rows
-    print(
-        f"\n{args.agents} agents, {args.rounds} rounds, {args.clients} clients, "
-        f"~{args.history_tokens}-token histories, "
-        f"total KV budget {total_mb:.0f} MB (machine: {machine()['cpu']}, {machine()['cores']} cores)\n"
+    report = Report(
+        "cluster_scaling",
+        f"{args.agents} agents on 3 instances behind haproxy vs one instance, total KV budget {total_mb:.0f} MB "
+        f"({args.rounds} rounds, {args.clients} clients, ~{args.history_tokens}-token histories)",
+        args.quick,
     )
-    print(f"| | {one['side']} | {three['side']} | 3 / 1 |")
-    print("|---|---|---|---|")
-
-    def line(label: str, a: float, b: float, fmt: str = "{:.0f}") -> None:
-        ratio = b / a if a else float("nan")
-        print(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio:.2f}x |")
-
-    line("cold TTFT p50 ms", one["cold"]["ttft_p50_ms"], three["cold"]["ttft_p50_ms"])
-    line("warm TTFT p50 ms", one["warm"]["ttft_p50_ms"], three["warm"]["ttft_p50_ms"])
-    line("warm TTFT p95 ms", one["warm"]["ttft_p95_ms"], three["warm"]["ttft_p95_ms"])
-    line("warm turn mean ms", one["warm"]["turn_mean_ms"], three["warm"]["turn_mean_ms"])
-    line("turns per second", one["turns_per_s"], three["turns_per_s"], "{:.2f}")
-    line("warm prompt share from cache", one["warm"]["cached_share"], three["warm"]["cached_share"], "{:.2f}")
-    line("agent loads from disk", one["loads"], three["loads"])
-    line("evictions", one["evictions"], three["evictions"])
-    line("resident memory MB (all instances)", one["rss_mb_total"], three["rss_mb_total"])
-    line("start-up s", one["start_s"], three["start_s"], "{:.1f}")
-    print(f"\nhandoffs between instances: {three['handoffs']}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                json_safe(
-                    {
-                        "machine": machine(),
-                        "args": {k: str(v) for k, v in vars(args).items()},
-                        "results": rows,
-                    }
-                ),
-                indent=2,
-            )
-        )
+    measures = [
+        ("cold TTFT p50 ms", one["cold"]["ttft_p50_ms"], three["cold"]["ttft_p50_ms"]),
+        ("warm TTFT p50 ms", one["warm"]["ttft_p50_ms"], three["warm"]["ttft_p50_ms"]),
+        ("warm TTFT p95 ms", one["warm"]["ttft_p95_ms"], three["warm"]["ttft_p95_ms"]),
+        ("warm turn mean ms", one["warm"]["turn_mean_ms"], three["warm"]["turn_mean_ms"]),
+        ("turns per second", one["turns_per_s"], three["turns_per_s"]),
+        ("warm prompt share from cache", one["warm"]["cached_share"], three["warm"]["cached_share"]),
+        ("agent loads from disk", one["loads"], three["loads"]),
+        ("evictions", one["evictions"], three["evictions"]),
+        ("resident memory MB (all instances)", one["rss_mb_total"], three["rss_mb_total"]),
+        ("start-up s", one["start_s"], three["start_s"]),
+    ]
+    report.table(
+        "Side by side",
+        ["", one["side"], three["side"], "3 / 1"],
+        [[label, a, b, fmt_x(ratio(b, a))] for label, a, b in measures],
+    )
+    report.note(f"handoffs between instances: {three['handoffs']}")
+    report.results["sides"] = rows
+    report.finish(args.json)
     return 0
 
 

@@ -15,69 +15,20 @@ stages run one after the other); what it buys is memory per process, for models 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import free_port, json_safe, machine, make_parser, progress
+from _common import Report, fmt_x, make_parser, progress, ratio, running_server, tree_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards"]
 
 
-def start(work: Path, port: int, model: str, ranks: int, backend: str) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "SEMANTIC_MLX_MODEL_ID": model,
-        "SEMANTIC_AGENT_CACHE_DIR": str(work),
-        "SEMANTIC_SERVER_LOG_LEVEL": "WARNING",
-        "SEMANTIC_DISTRIBUTED_BACKEND": backend,
-    }
-    argv = [sys.executable, "-m", "semantic_tui.cli", "serve", "--port", str(port)]
-    if ranks > 1:
-        argv += ["--ranks", str(ranks)]
-    log = open(work / "serve.log", "ab")  # noqa: SIM115 (the process keeps it)
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError((work / "serve.log").read_text()[-2000:])
-        time.sleep(0.3)
-    raise RuntimeError("not ready")
-
-
-def rss_mb(port: int) -> list[float]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if b"semantic_tui.cli" not in cmd or str(port).encode() not in cmd or b"--ranks" in cmd:
-                continue
-            if b"python" not in Path(cmd[0].decode()).name.encode():
-                continue
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    out.append(int(line.split()[1]) / 1024)
-        except OSError:
-            continue
-    return sorted(out, reverse=True)
-
-
-def stream(port: int, model: str, prompt: str, max_tokens: int, agent: str) -> dict[str, float]:
+def stream(url: str, model: str, prompt: str, max_tokens: int, agent: str) -> dict[str, float]:
     body = {
         "model": model,
         "max_tokens": max_tokens,
@@ -89,9 +40,7 @@ def stream(port: int, model: str, prompt: str, max_tokens: int, agent: str) -> d
     first = None
     usage: dict[str, Any] = {}
     out = 0
-    with httpx.stream(
-        "POST", f"http://127.0.0.1:{port}/v1/messages", json=body, headers={"x-agent-id": agent}, timeout=600
-    ) as r:
+    with httpx.stream("POST", f"{url}/v1/messages", json=body, headers={"x-agent-id": agent}, timeout=600) as r:
         for line in r.iter_lines():
             if not line.startswith("data:"):
                 continue
@@ -116,18 +65,17 @@ def stream(port: int, model: str, prompt: str, max_tokens: int, agent: str) -> d
 def run(setup: str, args: Any, prompt: str) -> dict[str, Any]:
     ranks, backend = {"one process": (1, "any"), "2 ranks, mpi": (2, "mpi"), "2 ranks, ring": (2, "ring")}[setup]
     work = Path(tempfile.mkdtemp(prefix="semantic-bench-pp-"))
-    port = free_port()
-    proc = start(work, port, args.model, ranks, backend)
+    env = {
+        "SEMANTIC_MLX_MODEL_ID": args.model,
+        "SEMANTIC_SERVER_LOG_LEVEL": "WARNING",
+        "SEMANTIC_DISTRIBUTED_BACKEND": backend,
+    }
     try:
-        stream(port, args.model, "Say hi.", 4, "warm-up")
-        result = stream(port, args.model, prompt, args.max_tokens, f"bench-{time.monotonic_ns()}")
-        result["rss_mb"] = rss_mb(port)
+        with running_server(work / "serve.log", work, env=env, args=["--ranks", str(ranks)]) as (url, proc):
+            stream(url, args.model, "Say hi.", 4, "warm-up")
+            result = stream(url, args.model, prompt, args.max_tokens, f"bench-{time.monotonic_ns()}")
+            result["rss_mb"] = tree_rss_mb(proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(work, ignore_errors=True)
     return result
 
@@ -153,31 +101,28 @@ def main() -> int:
             if setup not in best or r["decode_tps"] > best[setup]["decode_tps"]:
                 best[setup] = r
     one = best["one process"]
-    print(
-        f"\n{args.model}, {one['prompt_tokens']}-token prompt, {args.max_tokens} tokens, greedy, best of {args.reps}\n"
+    report = Report(
+        "distributed_pipeline",
+        f"{args.model} over 2 processes vs one: {one['prompt_tokens']}-token prompt, {args.max_tokens} greedy "
+        f"tokens, best of {args.reps}",
+        args.quick,
     )
-    print("| setup | prefill tokens/s | decode tokens/s | decode vs one process | resident MB per process |")
-    print("|---|---|---|---|---|")
-    for setup in setups:
-        r = best[setup]
-        print(
-            f"| {setup} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {r['decode_tps'] / one['decode_tps']:.2f}x "
-            f"| {', '.join(f'{m:.0f}' for m in r['rss_mb'])} |"
-        )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                json_safe(
-                    {
-                        "machine": machine(),
-                        "args": {k: str(v) for k, v in vars(args).items()},
-                        "results": best,
-                    }
-                ),
-                indent=2,
-            )
-        )
+    report.table(
+        "Decode, prefill and memory",
+        ["setup", "prefill tokens/s", "decode tokens/s", "decode vs one process", "resident MB per process"],
+        [
+            [
+                setup,
+                best[setup]["prefill_tps"],
+                best[setup]["decode_tps"],
+                fmt_x(ratio(best[setup]["decode_tps"], one["decode_tps"])),
+                ", ".join(f"{m:.0f}" for m in best[setup]["rss_mb"]),
+            ]
+            for setup in setups
+        ],
+    )
+    report.results["setups"] = best
+    report.finish(args.json)
     return 0
 
 

@@ -34,7 +34,6 @@ class Handoff:
         self.wait_seconds = settings.cluster_handoff_seconds
         key = settings.anthropic_api_key.get_secret_value().split(",")[0].strip() if settings.anthropic_api_key else ""
         self._headers = {"x-api-key": key} if key else {}
-        self.handoffs = 0  # agents this instance took from a live owner
 
     async def acquire(self, agent_id: str) -> None:
         """Make this instance the agent's owner, asking a live owner to release it. Raises
@@ -56,7 +55,6 @@ class Handoff:
                     await self._ask(client, owner.url, agent_id)
                 if self.ownership.try_acquire(agent_id):
                     if held_by is not None:
-                        self.handoffs += 1
                         if self.metrics is not None:
                             self.metrics.handoffs.labels("taken").inc()
                         log.info("agent taken over from another instance", agent=agent_id, owner=held_by)

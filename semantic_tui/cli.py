@@ -1,4 +1,5 @@
-"""The `semantic` command: serve, tui, generate, models, agents, config, version.
+"""The `semantic` command: serve, tui, generate, models, agents, config, version (and `cluster`, in
+cli_cluster.py).
 
 Heavy imports (MLX, the model, Textual) happen inside the commands that need them, so `--help`,
 `version` and `config` answer at once.
@@ -12,10 +13,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from semantic_core.config import ConfigError, Settings, load_settings
+from semantic_core.config import ConfigError
+from semantic_tui.cli_cluster import cluster_app, serve_ranks
+from semantic_tui.cli_common import console, err
+from semantic_tui.cli_common import fail as _fail
+from semantic_tui.cli_common import settings_from_env as _settings
 
 app = typer.Typer(
     name="semantic",
@@ -28,22 +32,7 @@ models_app = typer.Typer(help="List, fetch and import models.", no_args_is_help=
 agents_app = typer.Typer(help="Saved agents on disk (no model needed).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(agents_app, name="agents")
-
-console = Console()
-err = Console(stderr=True)
-
-
-def _settings(**overrides: Any) -> Settings:
-    try:
-        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ConfigError as exc:
-        err.print(f"[bold red]error:[/] invalid configuration: {exc}")
-        raise typer.Exit(2) from None
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code)
+app.add_typer(cluster_app, name="cluster")
 
 
 # version / config ----------------------------------------------------------------------------------
@@ -336,52 +325,11 @@ def serve(
     from semantic_core.runtime import Runtime
 
     settings = _settings(server_host=host, server_port=port, server_workers=workers, server_log_level=log_level)
-    if ranks > 1 and not distributed:
-        from semantic_tui.cluster import launch_ranks
-
-        if settings.cluster_instance:
-            raise _fail("a distributed engine cannot be part of a cluster (unset SEMANTIC_CLUSTER_INSTANCE)")
-        if port_in_use(settings.server_host, settings.server_port):
-            raise _fail(f"port {settings.server_port} on {settings.server_host} is already in use")
-        extra = [
-            a
-            for flag, v in (("--host", host), ("--port", port), ("--log-level", log_level))
-            if v is not None
-            for a in (flag, str(v))
-        ]
-        err.print(
-            f"starting {ranks} ranks ({settings.distributed_backend} backend); rank 0 serves "
-            f"http://{settings.server_host}:{settings.server_port}",
-            highlight=False,
+    if ranks > 1 or distributed:
+        overrides = {"--host": host, "--port": port, "--log-level": log_level}
+        raise typer.Exit(
+            serve_ranks(settings, ranks, distributed, {k: v for k, v in overrides.items() if v is not None})
         )
-        raise typer.Exit(launch_ranks(ranks, settings.distributed_backend, extra))
-    if distributed:
-        from semantic_core.engine.distributed import finalize, init_group
-
-        try:
-            group = init_group(settings.distributed_backend)
-        except RuntimeError as exc:
-            raise _fail(str(exc)) from None
-        from semantic_core.errors import SemanticError
-
-        code: int | str | None = 0
-        try:
-            runtime = Runtime(settings, group=group)
-            if group.rank() != 0:
-                runtime.follow()
-            elif port_in_use(settings.server_host, settings.server_port):
-                err.print(f"port {settings.server_port} on {settings.server_host} is already in use")
-                code = 1
-            else:
-                runtime.engine.start()  # every rank loads its share before rank 0 answers anything
-                runtime.serve()
-        except SemanticError as exc:  # the model cannot be split (or loaded): every rank says so and ends
-            err.print(f"error (rank {group.rank()}): {exc.message}", highlight=False)
-            code = 1
-        except SystemExit as exc:
-            code = exc.code
-        finalize(settings.distributed_backend, code if isinstance(code, int) else 1)
-        raise typer.Exit(code if isinstance(code, int) else 1)
     if port_in_use(settings.server_host, settings.server_port):
         raise _fail(
             f"port {settings.server_port} on {settings.server_host} is already in use: stop the other "
@@ -410,136 +358,6 @@ def serve(
         highlight=False,
     )
     Runtime(settings).serve()
-
-
-# cluster -------------------------------------------------------------------------------------------
-
-cluster_app = typer.Typer(
-    help="Several `semantic serve` behind haproxy, each agent on one instance.", no_args_is_help=True
-)
-app.add_typer(cluster_app, name="cluster")
-
-
-@cluster_app.command("up")
-def cluster_up(
-    instances: Annotated[int, typer.Option("--instances", "-n", min=1, help="How many instances.")] = 3,
-    port: Annotated[int, typer.Option(help="haproxy's port: where clients connect.")] = 8080,
-    base_port: Annotated[int, typer.Option(help="The first instance's port; the next ones follow.")] = 8101,
-    state_dir: Annotated[
-        Path | None, typer.Option(help="haproxy's configuration, logs and status (default: <agent cache dir>/cluster).")
-    ] = None,
-) -> None:
-    """Start N instances sharing one agents folder, and haproxy in front of them; restart an instance
-    that dies (its agents are served by the others meanwhile). `semantic cluster scale N` (from another
-    terminal) adds or removes instances while it runs. Ctrl-C stops everything; each instance saves
-    its agents."""
-    import signal
-    import time
-
-    from semantic_tui.cluster import Cluster
-
-    settings = _settings()
-    state = state_dir or settings.agent_cache_dir / "cluster"
-    cluster = Cluster(state_dir=state, port=port, base_port=base_port, host=settings.server_host)
-    stop = False
-
-    def on_signal(*_: Any) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    desired = state / "desired"
-    state.mkdir(parents=True, exist_ok=True)
-    desired.write_text(str(instances))
-    try:
-        for _ in range(instances):
-            cluster.add_instance()
-        err.print(f"starting {instances} instances (logs in {state}) ...", highlight=False)
-        cluster.wait_ready()
-        cluster.start_haproxy()
-    except (RuntimeError, TimeoutError) as exc:
-        cluster.stop()
-        raise _fail(str(exc)) from None
-    err.print(
-        f"cluster of {instances} on http://{settings.server_host}:{port} (instances on ports "
-        f"{base_port}-{base_port + instances - 1}); Ctrl-C stops it",
-        highlight=False,
-    )
-    try:
-        while not stop:
-            cluster.write_status()
-            for name in cluster.supervise_once():
-                err.print(f"instance {name} died and was restarted", highlight=False)
-            try:
-                want = int(desired.read_text().strip())
-            except (OSError, ValueError):
-                want = len(cluster.instances)
-            if want >= 1 and want != len(cluster.instances):
-                err.print(f"scaling to {want} instances", highlight=False)
-                cluster.scale(want)
-            time.sleep(1.0)
-    finally:
-        err.print("stopping: every instance saves its agents", highlight=False)
-        cluster.stop()
-
-
-@cluster_app.command("scale")
-def cluster_scale(
-    instances: Annotated[int, typer.Argument(min=1, help="How many instances the running cluster should have.")],
-    state_dir: Annotated[Path | None, typer.Option(help="As given to `semantic cluster up`.")] = None,
-) -> None:
-    """Ask a running `semantic cluster up` for more or fewer instances (only the agents that hash
-    to the new or removed instances move)."""
-    state = state_dir or _settings().agent_cache_dir / "cluster"
-    if not (state / "status.json").exists():
-        raise _fail(f"no running cluster found in {state}")
-    (state / "desired").write_text(str(instances))
-    err.print(f"asked the cluster in {state} for {instances} instances", highlight=False)
-
-
-@cluster_app.command("status")
-def cluster_status(
-    url: Annotated[
-        list[str] | None, typer.Option("--url", help="An instance's URL (repeatable); default: the running cluster's.")
-    ] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="As given to `semantic cluster up`.")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
-    """Each instance's state (read only, over HTTP): health, agents hot and on disk, pool use."""
-    import json
-
-    from semantic_tui.cluster import instance_status
-
-    urls = list(url or [])
-    if not urls:
-        state = state_dir or _settings().agent_cache_dir / "cluster"
-        try:
-            urls = [str(i["url"]) for i in json.loads((state / "status.json").read_text())["instances"]]
-        except (OSError, ValueError, KeyError):
-            raise _fail(f"no running cluster found in {state}; give --url") from None
-    key = _settings().anthropic_api_key
-    rows = [instance_status(u, key.get_secret_value().split(",")[0] if key else None) for u in urls]
-    if as_json:
-        console.print_json(json.dumps(rows))
-        return
-    table = Table(box=None)
-    table.add_column("instance", no_wrap=True)
-    table.add_column("url", no_wrap=True, min_width=max(len(str(r["url"])) for r in rows))
-    for col in ("state", "agents (hot)", "busy", "pool", "requests"):
-        table.add_column(col, no_wrap=True)
-    for r in rows:
-        state = "unreachable" if "error" in r else "ready" if r.get("ready") else "not ready"
-        table.add_row(
-            str(r.get("instance") or "?"),
-            str(r["url"]),
-            state,
-            f"{r.get('agents', '-')} ({r.get('hot', '-')})",
-            str(r.get("generating", "-")),
-            str(r.get("pool", "-")),
-            str(r.get("requests", "-")),
-        )
-    console.print(table)
 
 
 # generate ------------------------------------------------------------------------------------------

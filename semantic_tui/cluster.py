@@ -120,6 +120,20 @@ backend instances
 """
 
 
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive free loopback ports (a cluster's proxy and instances, a ring's ranks)."""
+    import random
+
+    from semantic_core.api.server import port_in_use
+
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000 - n)
+        if not any(port_in_use("127.0.0.1", base + i) for i in range(n)):
+            return base
+    raise RuntimeError(f"no {n} consecutive free ports on 127.0.0.1")
+
+
 def _answers(url: str) -> bool:
     """Whether a GET of `url` answers 200."""
     try:
@@ -386,13 +400,7 @@ def launch_ranks(n: int, backend: str, serve_args: list[str]) -> int:
         procs.append(subprocess.Popen([*argv, *cmd], env=env))
         leader = procs[0]
     else:
-        from semantic_core.api.server import port_in_use
-
-        base = 0
-        for candidate in range(41000, 60000, 97):
-            if not any(port_in_use("127.0.0.1", candidate + i) for i in range(n)):
-                base = candidate
-                break
+        base = free_ports(n)
         hostfile = Path(tempfile.mkstemp(prefix="semantic-ring-", suffix=".json")[1])
         hostfile.write_text(json.dumps([[f"127.0.0.1:{base + i}"] for i in range(n)]))
         env |= {"SEMANTIC_DISTRIBUTED_BACKEND": "ring", "MLX_HOSTFILE": str(hostfile)}

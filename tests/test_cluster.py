@@ -8,7 +8,6 @@ as the client: 30 agents, affinity, an instance killed mid-run, an instance adde
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -23,8 +22,7 @@ import httpx
 import pytest
 
 from semantic_core.agents.ownership import Ownership
-from semantic_core.api.server import port_in_use
-from semantic_tui.cluster import Cluster, haproxy_binary, haproxy_config, instance_status
+from semantic_tui.cluster import Cluster, free_ports, haproxy_binary, haproxy_config, instance_status
 
 # Ownership -------------------------------------------------------------------------------------------
 
@@ -90,21 +88,11 @@ def test_the_haproxy_configuration_is_valid_and_keeps_server_ids(tmp_path: Path)
 # The cluster -------------------------------------------------------------------------------------------
 
 
-def _free_ports(n: int) -> int:
-    """The first of n consecutive free loopback ports."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 40000)
-        if not any(port_in_use("127.0.0.1", base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no free ports")
-
-
 @pytest.fixture
 def cluster(tmp_path: Path, real_model_dir: Path):
     if haproxy_binary() is None:
         pytest.skip("haproxy is not installed (make tools installs it)")
-    base = _free_ports(6)
+    base = free_ports(6)
     c = Cluster(
         state_dir=tmp_path / "cluster",
         port=base,

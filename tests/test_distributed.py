@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,42 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.serve_process import ROOT, free_port, start_serve
+
 MODEL = "qwen2.5-coder-0.5b-instruct"
 PROMPT = [{"role": "user", "content": "Write a Python function that returns the sum of a list of numbers."}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start(cache: Path, port: int, ranks: int) -> subprocess.Popen[str]:
-    env = {
-        **os.environ,
-        "SEMANTIC_MLX_MODEL_ID": MODEL,
-        "SEMANTIC_AGENT_CACHE_DIR": str(cache),
-        "SEMANTIC_SERVER_LOG_LEVEL": "WARNING",
-    }
-    argv = [sys.executable, "-m", "semantic_tui.cli", "serve", "--port", str(port)]
-    if ranks > 1:
-        argv += ["--ranks", str(ranks)]
-    proc = subprocess.Popen(
-        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stdout.read() if proc.stdout else "serve exited")
-        time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise RuntimeError("serve did not become ready")
+    args = ("--ranks", str(ranks)) if ranks > 1 else ()
+    return start_serve(MODEL, cache, port, args=args, env={"SEMANTIC_SERVER_LOG_LEVEL": "WARNING"})
 
 
 def stop(proc: subprocess.Popen[str]) -> None:

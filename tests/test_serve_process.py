@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,44 +12,14 @@ import anthropic
 import httpx
 import pytest
 
+from tests.serve_process import free_port, start_serve
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(model_dir: Path, cache: Path, port: int) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "SEMANTIC_MLX_MODEL_ID": str(model_dir),
-        "SEMANTIC_AGENT_CACHE_DIR": str(cache),
-        "SEMANTIC_SERVER_PORT": str(port),
-        "SEMANTIC_SERVER_LOG_LEVEL": "PRODUCTION",
-        "SEMANTIC_SERVER_DRAIN_SECONDS": "20",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "semantic_tui.cli", "serve"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stdout.read() if proc.stdout else "serve exited")
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("serve did not become ready")
+    env = {"SEMANTIC_SERVER_LOG_LEVEL": "PRODUCTION", "SEMANTIC_SERVER_DRAIN_SECONDS": "20"}
+    return start_serve(model_dir, cache, port, env=env)
 
 
 @pytest.mark.slow

@@ -14,6 +14,9 @@ Threading: every method runs on the engine thread, which owns all MLX work. File
 writer thread, turn journals on another, reads on a third; those touch only numpy buffers and files,
 never MLX (MLX is not thread-safe, see mlx issue #2067). Saves are write-through: after each turn the
 engine hands the agent's tensors to the writer, so evicting an agent later costs nothing.
+
+In a cluster (instances sharing this folder), which instance may write an agent is `SharedFolder`'s
+part of the store (shared_folder.py).
 """
 
 from __future__ import annotations
@@ -26,17 +29,17 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from semantic_core.agents import disk
+from semantic_core.agents.agent import Agent
 from semantic_core.agents.ownership import Ownership
 from semantic_core.agents.prefix_index import PrefixIndex, PrefixMatch, common_prefix
 from semantic_core.agents.record import AgentRecord, Sampling, generate_agent_id, validate_agent_id
+from semantic_core.agents.shared_folder import SharedFolder, temp_owner
 from semantic_core.errors import (
     AgentDamaged,
-    AgentElsewhere,
     AgentExists,
     AgentNotFound,
     ModelMismatch,
@@ -51,49 +54,7 @@ log = get_logger("semantic.agents")
 ReadResult = tuple[disk.AgentHeader, list[kv.LayerState], float]
 
 
-@dataclass
-class Agent:
-    record: AgentRecord
-    tokens: list[int] = field(default_factory=list)  # what its cache holds, hot or on disk
-    version: int = 0  # bumped whenever tokens or record change
-    saved_version: int = -1  # version on disk (-1: never saved)
-    disk_bytes: int = 0
-    compatible: bool = True  # False: its file belongs to another model
-    mismatch: str | None = None  # why it is not compatible, when more is known than "another model"
-    damaged: str | None = None
-    save_error: str | None = None
-    last_access: float = field(default_factory=time.monotonic)
-    # Cache statistics for the gauges: tokens reused vs recomputed over this agent's life.
-    reused_tokens: int = 0
-    computed_tokens: int = 0
-    # A cold agent's conversation stays on disk (its file or turn journal), not in memory: only the
-    # count is kept. It is read back when the agent is loaded, or asked for.
-    messages_loaded: bool = True
-    message_count: int = 0
-
-    @property
-    def id(self) -> str:
-        return self.record.id
-
-    @property
-    def dirty(self) -> bool:
-        return self.saved_version != self.version
-
-    @property
-    def on_disk(self) -> bool:
-        return self.saved_version >= 0
-
-    def touch(self) -> None:
-        self.last_access = time.monotonic()
-        self.record.last_used = time.time()
-
-    def changed(self) -> None:
-        self.version += 1
-        if self.messages_loaded:
-            self.message_count = len(self.record.messages)
-
-
-class AgentStore:
+class AgentStore(SharedFolder):
     def __init__(
         self,
         agents_dir: Path,
@@ -145,7 +106,7 @@ class AgentStore:
         """List every saved agent (cold) from its header; quarantine what does not verify."""
         for tmp in disk.stale_temp_files(self.agents_dir):
             # In a cluster, a live instance may be writing it: only the agent's owner removes it.
-            if self._may_repair(_temp_owner(tmp.name), functools.partial(tmp.unlink, missing_ok=True)):
+            if self._may_repair(temp_owner(tmp.name), functools.partial(tmp.unlink, missing_ok=True)):
                 log.info("removed an unfinished save", file=tmp.name)
         for path in sorted(self.agents_dir.glob(f"*{disk.SUFFIX}")):
             self._scan_file(path)
@@ -155,23 +116,6 @@ class AgentStore:
             self.went_cold(agent)
         self._update_disk_gauge()
         log.info("agent store ready", agents=len(self._agents), folder=str(self.agents_dir))
-
-    def _may_repair(self, agent_id: str, repair: Any) -> bool:
-        """Run `repair` (a change to an agent's files found at start-up: a stale temp file, a
-        quarantine) unless another instance of the cluster owns that agent now."""
-        if self.ownership is None:
-            repair()
-            return True
-        if self.ownership.holds(agent_id):
-            repair()
-            return True
-        if not self.ownership.try_acquire(agent_id):
-            return False
-        try:
-            repair()
-        finally:
-            self.ownership.release(agent_id)
-        return True
 
     def _scan_file(self, path: Path) -> Agent | None:
         try:
@@ -622,106 +566,11 @@ class AgentStore:
         self.index.remove(agent_id)
         self._update_disk_gauge()
 
-    # Cluster ownership ---------------------------------------------------------------------------
-
-    def take(self, agent_id: str) -> Agent | None:
-        """Make this instance the agent's owner, with a view of it re-read from its files (another
-        instance may have written it since this one last held it). None: no such agent, on disk or
-        here (the lock is kept, for a request that creates it). Raises AgentElsewhere while
-        another live instance holds it. Engine thread. Without a cluster: the agent as known."""
-        if self.ownership is None:
-            return self._agents.get(agent_id)
-        if not self.ownership.try_acquire(agent_id):
-            owner = self.ownership.owner(agent_id)
-            raise AgentElsewhere(agent_id, owner.instance if owner else None)
-        if agent_id not in self._fresh:
-            self.reread(agent_id)
-            self._fresh.add(agent_id)
-        return self._agents.get(agent_id)
-
-    def _taken_elsewhere(self, agent_id: str) -> bool:
-        """Whether a generated id already names an agent on disk or another instance's agent."""
-        assert self.ownership is not None
-        if disk.agent_path(self.agents_dir, agent_id).exists() or disk.journal_path(self.agents_dir, agent_id).exists():
-            return True
-        return self.ownership.owner(agent_id) is not None
-
-    def fresh(self, agent_id: str) -> bool:
-        """Whether this instance owns the agent with an up-to-date view of it (always, alone)."""
-        return self.ownership is None or agent_id in self._fresh
-
-    def may_take(self, agent: Agent) -> bool:
-        """Whether this instance owns the agent or can take it now (routing an unnamed request)."""
-        if self.ownership is None or agent.id in self._fresh:
-            return True
-        try:
-            return self.take(agent.id) is not None
-        except AgentElsewhere:
-            return False
-
-    def reread(self, agent_id: str) -> None:
-        """Replace what this instance knows of an agent by its files (it is not hot here: hot
-        agents are always owned, and this one was not)."""
-        known = self._agents.get(agent_id)
-        path = disk.agent_path(self.agents_dir, agent_id)
-        fresh: Agent | None = None
-        if os.path.lexists(path):
-            if known is not None:
-                self.unregister(known)
-            fresh = self._scan_file(path)
-        elif known is not None:
-            self.unregister(known)
-        jpath = disk.journal_path(self.agents_dir, agent_id)
-        if jpath.exists():
-            self._apply_journal(jpath)
-        fresh = self._agents.get(agent_id)
-        if fresh is None:
-            return
-        self.went_cold(fresh)
-        if known is not None and known is not fresh:
-            # Keep the object others may hold (by identity), with the files' view inside it.
-            stats = {"reused_tokens": known.reused_tokens, "computed_tokens": known.computed_tokens}
-            known.__dict__.update(fresh.__dict__, **stats)
-            self._agents[agent_id] = known
-
-    def release_if_cold(self, agent: Agent) -> None:
-        """An agent left this instance's memory: once its files are written, others may take it."""
-        if self.ownership is None or not self.ownership.holds(agent.id) or self.in_use(agent.id):
-            return
-        if agent.id in self._pending or (agent.dirty and self._agents.get(agent.id) is agent):
-            return  # written later (eviction saved what it could; a failed save keeps it here)
-        self.hand_over(agent.id)
-
-    def hand_over(self, agent_id: str) -> None:
-        """Give up ownership: every write of the agent in flight lands first."""
-        if self.ownership is None:
-            return
-        agent = self._agents.get(agent_id)
-        if agent is not None:
-            self.wait_pending(agent)
-        self._journal.submit(lambda: None).result()  # a journal write in flight lands first
-        self._fresh.discard(agent_id)
-        self.ownership.release(agent_id)
-
-    def _check_owner(self, agent: Agent, action: str) -> None:
-        if self.ownership is not None and not self.ownership.holds(agent.id):
-            raise StorageError(f"agent {agent.id!r} is not owned by this instance; refusing to {action} it")
-
     def disk_bytes(self) -> int:
         return sum(a.disk_bytes for a in self._agents.values() if a.on_disk)
 
     def _update_disk_gauge(self) -> None:
         self.metrics.disk_bytes.set(self.disk_bytes())
-
-
-def _temp_owner(name: str) -> str:
-    """The agent id in a temp file's name (`.<id>.safetensors.tmp-...`, `.<id>.turn.json.tmp-...`)."""
-    stem = name[1:] if name.startswith(".") else name
-    for suffix in (disk.SUFFIX, disk.JOURNAL_SUFFIX):
-        marker = f"{suffix}.tmp-"
-        if marker in stem:
-            return stem.split(marker, 1)[0]
-    return stem
 
 
 class InlineExecutor(Executor):

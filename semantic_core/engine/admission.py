@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from semantic_core.agents.agent import Agent
 from semantic_core.agents.prefix_index import common_prefix
 from semantic_core.agents.routing import RouteKind, route
-from semantic_core.agents.store import Agent, AgentStore
+from semantic_core.agents.store import AgentStore
 from semantic_core.engine.request import PendingLoad, Sequence
 from semantic_core.engine.residency import Residency
 from semantic_core.engine.scheduler import Prepared, Readiness

@@ -25,12 +25,18 @@ and others) would use the same lockstep: only the loader's split differs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import random
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from semantic_core.engine.constraints import Grammars
+from semantic_core.engine.handle import RequestHandle
+from semantic_core.engine.inbox import Call, Cancel, InboxItem, Op, Stop, Submit
+from semantic_core.engine.types import GenerationRequest
 from semantic_core.observability import get_logger
 
 log = get_logger("semantic.distributed")
@@ -48,7 +54,7 @@ class Distributed:
         self.group = group
         self.rank = int(group.rank())
         self.size = int(group.size())
-        self.ticks = 0
+        self._mirrors: dict[int, RequestHandle] = {}  # follower ranks: rank 0's handle id -> ours
 
     @property
     def leader(self) -> bool:
@@ -71,10 +77,26 @@ class Distributed:
 
     def tick(self, tick: Tick | None = None) -> Tick:
         """Rank 0 sends its tick; the others receive it."""
-        self.ticks += 1
         raw = self.broadcast(pickle.dumps(tick) if self.leader else b"")
         received: Tick = pickle.loads(raw) if raw else Tick()
         return tick if (self.leader and tick is not None) else received
+
+    def to_item(self, message: tuple[Any, ...], grammars: Grammars) -> InboxItem:
+        """A follower's inbox item for one of rank 0's messages (see `to_message`)."""
+        kind = message[0]
+        if kind == "submit":
+            request: GenerationRequest = message[2]
+            if message[3] is not None:  # rank 0's grammar, compiled here for this rank's sampler
+                request = dataclasses.replace(request, constraint=grammars.compile(*message[3]))
+            handle = RequestHandle(request, None, lambda _h: None, listened=False)
+            self._mirrors[message[1]] = handle
+            return Submit(handle)
+        if kind == "cancel":
+            mirror = self._mirrors.pop(message[1], None)
+            return Cancel(mirror) if mirror is not None else Call(lambda: None, Future())
+        if kind == "op":
+            return Op(message[1], message[2], message[3], None)
+        return Stop(message[1])
 
     def max_int(self, value: int) -> int:
         """The largest of each rank's `value`."""
@@ -87,6 +109,24 @@ class Distributed:
         """A seed rank 0 draws, the same on every rank."""
         seed = random.SystemRandom().randrange(1, 2**31 - 1) if self.leader else 0
         return int.from_bytes(self.broadcast(seed.to_bytes(8, "little") if self.leader else b""), "little")
+
+
+def to_message(item: InboxItem) -> tuple[Any, ...]:
+    """What a follower rank needs of one of rank 0's inbox items (no handles, futures or closures;
+    a compiled grammar does not travel, its source does)."""
+    if isinstance(item, Submit):
+        request = item.handle.request
+        constraint = request.constraint
+        if constraint is None:
+            return ("submit", item.handle.id, request, None)
+        source = (constraint.grammar, constraint.what)
+        return ("submit", item.handle.id, dataclasses.replace(request, constraint=None), source)
+    if isinstance(item, Cancel):
+        return ("cancel", item.handle.id)
+    if isinstance(item, Op):
+        return ("op", item.name, item.args, item.kwargs)
+    assert isinstance(item, Stop)
+    return ("stop", item.save)
 
 
 def init_group(backend: str) -> Any:

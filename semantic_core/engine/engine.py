@@ -25,29 +25,25 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import dataclasses
-import os
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from semantic_core.agents.disk import Expectations
 from semantic_core.agents.ownership import Ownership
 from semantic_core.agents.store import AgentStore
 from semantic_core.config import Settings
 from semantic_core.engine.admission import Admission
 from semantic_core.engine.block_pool import BlockPool
 from semantic_core.engine.constraints import Grammars
-from semantic_core.engine.distributed import Distributed, Tick
+from semantic_core.engine.distributed import Distributed, Tick, to_message
 from semantic_core.engine.handle import RequestHandle
+from semantic_core.engine.inbox import Call, Cancel, InboxItem, Op, Stop, Submit
 from semantic_core.engine.lifecycle import Lifecycle
 from semantic_core.engine.operations import AgentOperations
-from semantic_core.engine.output import make_detokenizer_factory
 from semantic_core.engine.request import Phase, Sequence, Timing
 from semantic_core.engine.residency import Residency
 from semantic_core.engine.runner import Runner, StepResult
@@ -55,12 +51,9 @@ from semantic_core.engine.scheduler import Scheduler, StepPlan
 from semantic_core.engine.snapshot import AgentInfo, EngineSnapshot, Publisher
 from semantic_core.engine.types import (
     Event,
-    Failed,
-    Finished,
     GenerationRequest,
     GenerationResult,
     PrefillProgress,
-    Started,
 )
 from semantic_core.engine.validation import validate_request
 from semantic_core.errors import (
@@ -87,64 +80,12 @@ def _stop_engines_at_exit() -> None:
             engine.stop()
 
 
-# The inbox: what other threads hand the engine thread ---------------------------------------------
-
-
-@dataclass(frozen=True)
-class Submit:
-    handle: RequestHandle
-
-
-@dataclass(frozen=True)
-class Cancel:
-    handle: RequestHandle
-
-
-@dataclass(frozen=True)
-class Call:
-    fn: Callable[[], Any]
-    future: Future[Any]
-
-
-@dataclass(frozen=True)
-class Stop:
-    save: bool
-
-
-@dataclass(frozen=True)
-class Op:
-    """An agent operation by name (`AgentOperations.<name>`): in distributed mode every rank runs it."""
-
-    name: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    future: Future[Any] | None
-
-
-InboxItem = Submit | Cancel | Call | Stop | Op
-
-
-class _Mirror(RequestHandle):
-    """A follower rank's handle: the request runs there too, and nobody listens to its events."""
-
-    def deliver(self, event: Event) -> None:
-        if isinstance(event, Started):
-            self.agent_id = event.agent_id
-        elif isinstance(event, Finished):
-            self.result = event.result
-        elif isinstance(event, Failed):
-            self.error = event.error
-        if isinstance(event, Finished | Failed):
-            self.done.set()
-
-
 class Engine:
     def __init__(self, settings: Settings, loaded: LoadedModel | None = None, group: Any = None) -> None:
         self.settings = settings
         # Distributed mode (an mx.distributed group of more than one rank): every rank runs this
         # engine in lockstep with rank 0 (see distributed.py).
         self.dist: Distributed | None = Distributed(group) if group is not None and group.size() > 1 else None
-        self._mirrors: dict[int, RequestHandle] = {}  # follower ranks: rank 0's handle id -> ours
         # This engine's metrics (and its API's): never shared with another engine in the process.
         self.metrics = Metrics()
         self._loaded = loaded
@@ -422,113 +363,9 @@ class Engine:
             self._stopped.set()
 
     def _boot(self) -> None:
-        from semantic_core.model import loader
+        from semantic_core.engine.assembly import assemble
 
-        dist = self.dist
-        if self._loaded is None:
-            self._loaded = loader.load(self.settings, pipeline_group=dist.group if dist is not None else None)
-        self.model = self._loaded.model
-        self.tokenizer = self._loaded.tokenizer
-        info = self.info = self._loaded.info
-        bytes_per_token = info.bytes_per_token
-        s = self.settings
-        if dist is not None:
-            import random
-
-            import mlx.core as mx
-
-            # Same pool on every rank (blocks decide evictions), same draws (sampling, agent ids).
-            bytes_per_token = dist.max_int(info.bytes_per_token)
-            seed = dist.shared_seed()
-            mx.random.seed(seed)
-            id_rng = random.Random(seed)
-            # Each rank keeps its own layers' caches, in a folder of its own.
-            s = self.settings = s.model_copy(
-                update={"agent_cache_dir": s.agent_cache_dir / f"pp{dist.rank}of{dist.size}"}
-            )
-        self.tool_format = ToolFormat.of(self.tokenizer)
-        self.grammars = Grammars(self.tokenizer, info.vocab_size, sorted(self.tokenizer.eos_token_ids))
-        self.pool = BlockPool.from_budget(s.mlx_cache_budget_mb, s.mlx_block_tokens, bytes_per_token)
-        self.store = AgentStore(
-            s.agents_dir,
-            s.quarantine_dir,
-            fingerprint=info.fingerprint,
-            model_id=info.model_id,
-            block_tokens=s.mlx_block_tokens,
-            metrics=self.metrics,
-            max_agents=s.agent_max_agents,
-            expect=Expectations(info.cache_spec, info.vocab_size),
-            ownership=self.ownership,
-            inline_io=dist is not None,
-        )
-        if dist is not None:
-            self.store.id_rng = id_rng
-        self.store.scan()
-        self.residency = Residency(self.pool, self.store, s.agent_max_agents_in_memory, self.metrics)
-        self.admission = Admission(
-            self.store,
-            self.residency,
-            self._new_cache,
-            budget_mb=s.mlx_cache_budget_mb,
-            anything_running=lambda: bool(self.scheduler.running()),
-            wake=self._wake.set,
-        )
-        # One core stays free for MLX's own thread, the event loop and the UI: a BLAS that spreads
-        # over every core of a busy machine waits on its slowest thread (measured here: a 2,045-token
-        # prefill took 47 s with 2 threads and 20 s with 1 while another process held one core).
-        prefill_threads = s.mlx_blas_prefill_threads or max(1, (os.cpu_count() or 1) - 1)
-        self.runner = Runner(
-            self.model,
-            set(self.tokenizer.eos_token_ids),
-            decode_threads=s.mlx_blas_decode_threads,
-            prefill_threads=prefill_threads,
-        )
-        self.agents = AgentOperations(
-            call=self.call,
-            store=self.store,
-            residency=self.residency,
-            admission=self.admission,
-            new_cache=self._new_cache,
-            bytes_per_token=info.bytes_per_token,
-            running_tokens=self._running_tokens,
-        )
-        self.publisher = Publisher(
-            self.pool,
-            self.store,
-            self.residency,
-            self.admission,
-            self.metrics,
-            info.bytes_per_token,
-            self._running_tokens,
-        )
-        self.life = Lifecycle(
-            scheduler=self.scheduler,
-            admission=self.admission,
-            residency=self.residency,
-            store=self.store,
-            runner=self.runner,
-            ops=self.agents,
-            publisher=self.publisher,
-            metrics=self.metrics,
-            detok_factory=make_detokenizer_factory(self.tokenizer),
-            context_length=info.context_length,
-            save_on_finish=s.agent_save_on_finish,
-            wake=self._wake.set,
-        )
-        log.info(
-            "engine ready",
-            model=info.model_id,
-            device=info.device,
-            weights=info.weights,
-            blas=info.blas,
-            kernels=info.kernels,
-            cache=info.cache_spec.describe(),
-            kv_format=info.kv_description,
-            pool_blocks=self.pool.capacity,
-            block_tokens=self.pool.block_tokens,
-            kv_bytes_per_token=info.bytes_per_token,
-            agents=len(self.store),
-        )
+        assemble(self)
         self._publish(force=True)
 
     def _new_cache(self) -> kv.Cache:
@@ -564,7 +401,7 @@ class Engine:
             items.append(self._inbox.popleft())
         if self.dist is not None:
             # Every rank takes the same inbox this turn (a Call is rank 0's alone: reads, publishing).
-            self.dist.tick(Tick([_message(item) for item in items if not isinstance(item, Call)]))
+            self.dist.tick(Tick([to_message(item) for item in items if not isinstance(item, Call)]))
         self._apply(items)
 
     def _apply(self, items: list[InboxItem]) -> None:
@@ -603,31 +440,14 @@ class Engine:
         assert self.store is not None and self.life is not None and self.dist is not None
         while True:
             tick = self.dist.tick()
-            self._apply([self._item(m) for m in tick.messages])
+            assert self.grammars is not None
+            self._apply([self.dist.to_item(m, self.grammars) for m in tick.messages])
             if self._stopping:
                 return
             self.store.poll_io()
             if self.life.finishing:
                 self.life.complete_finished()
             self._step()
-
-    def _item(self, message: tuple[Any, ...]) -> InboxItem:
-        """A follower's inbox item for one of rank 0's messages."""
-        kind = message[0]
-        if kind == "submit":
-            request: GenerationRequest = message[2]
-            if message[3] is not None:  # rank 0's grammar, compiled here for this rank's sampler
-                assert self.grammars is not None
-                request = dataclasses.replace(request, constraint=self.grammars.compile(*message[3]))
-            handle = _Mirror(request, None, lambda _h: None)
-            self._mirrors[message[1]] = handle
-            return Submit(handle)
-        if kind == "cancel":
-            mirror = self._mirrors.get(message[1])
-            return Cancel(mirror) if mirror is not None else Call(lambda: None, Future())
-        if kind == "op":
-            return Op(message[1], message[2], message[3], None)
-        return Stop(message[1])
 
     # One step: schedule, execute, update ------------------------------------------------------------
 
@@ -748,25 +568,3 @@ def _thread_main(holder: list[Engine]) -> None:
     engine._main()
     del engine
     threading.Event().wait()
-
-
-def _message(item: InboxItem) -> tuple[Any, ...]:
-    """What a follower rank needs of one inbox item (no handles, futures or closures)."""
-    if isinstance(item, Submit):
-        request = item.handle.request
-        constraint = request.constraint
-        if constraint is None:
-            return ("submit", item.handle.id, request, None)
-        # A compiled matcher does not travel: its source does.
-        return (
-            "submit",
-            item.handle.id,
-            dataclasses.replace(request, constraint=None),
-            (constraint.grammar, constraint.what),
-        )
-    if isinstance(item, Cancel):
-        return ("cancel", item.handle.id)
-    if isinstance(item, Op):
-        return ("op", item.name, item.args, item.kwargs)
-    assert isinstance(item, Stop)
-    return ("stop", item.save)

@@ -26,6 +26,8 @@ class RequestHandle:
         request: GenerationRequest,
         loop: asyncio.AbstractEventLoop | None,
         cancel_fn: Callable[[RequestHandle], None],
+        *,
+        listened: bool = True,
     ) -> None:
         self.id = next(self._ids)
         self.request = request
@@ -37,6 +39,8 @@ class RequestHandle:
         self.result: GenerationResult | None = None
         self.error: Exception | None = None
         self.done = threading.Event()
+        # False: nobody reads the events (a follower rank's copy of a request): only the outcome is kept.
+        self._listened = listened
 
     def deliver(self, event: Event) -> None:
         """The engine hands over the next event (any thread)."""
@@ -46,7 +50,9 @@ class RequestHandle:
             self.result = event.result
         elif isinstance(event, Failed):
             self.error = event.error
-        if self._async is not None and self._loop is not None:
+        if not self._listened:
+            pass
+        elif self._async is not None and self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
                 self._loop.call_soon_threadsafe(self._async.put_nowait, event)
         else:

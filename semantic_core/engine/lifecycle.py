@@ -15,7 +15,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from semantic_core.agents.store import Agent, AgentStore
+from semantic_core.agents.agent import Agent
+from semantic_core.agents.store import AgentStore
 from semantic_core.engine.admission import Admission
 from semantic_core.engine.handle import RequestHandle
 from semantic_core.engine.operations import AgentOperations

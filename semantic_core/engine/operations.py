@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from semantic_core.agents.agent import Agent
 from semantic_core.agents.record import Sampling
-from semantic_core.agents.store import Agent, AgentStore
+from semantic_core.agents.store import AgentStore
 from semantic_core.engine.admission import Admission
 from semantic_core.engine.residency import Residency
 from semantic_core.engine.snapshot import AgentInfo, agent_info

@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from semantic_core.agents.store import Agent, AgentStore
+from semantic_core.agents.agent import Agent
+from semantic_core.agents.store import AgentStore
 from semantic_core.engine.block_pool import BlockPool
 from semantic_core.errors import PoolExhausted, StorageError
 from semantic_core.model.kv import Cache

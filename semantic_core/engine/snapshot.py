@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 from semantic_core.observability import Metrics, get_logger
 
 if TYPE_CHECKING:
-    from semantic_core.agents.store import Agent, AgentStore
+    from semantic_core.agents.agent import Agent
+    from semantic_core.agents.store import AgentStore
     from semantic_core.engine.admission import Admission
     from semantic_core.engine.block_pool import BlockPool
     from semantic_core.engine.residency import Residency
